@@ -25,9 +25,7 @@ from mechscope.errors import MechscopeError
 
 # attention module -> (the function that reads/writes its probabilities [batch, n_heads, q_pos, k_pos],
 #                     whether that function writes)
-PATTERN_HOOKS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[Tensor], Tensor], bool]] = (
-    weakref.WeakKeyDictionary()
-)
+PATTERN_HOOKS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[Tensor], Tensor], bool]] = weakref.WeakKeyDictionary()
 
 
 def _family_eager(module: nn.Module) -> Callable:

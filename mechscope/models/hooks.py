@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -133,27 +134,27 @@ class Hooks:
             ("ln_final.hook_normalized", adapter.final_norm),
         ):
             if kind in by_kind:
-                self._on_output(model.module(module_path), lambda v, s=Site(kind): self._visit(s, v))
+                self._on_output(model.module(module_path), partial(self._visit, Site(kind)))
         mids = by_kind.get("hook_resid_mid", set())
         for layer in by_kind.get("hook_resid_pre", set()) | mids:
-            self._on_input(model.block(layer), lambda v, n=layer: self._resid_pre_hook(n, v))
+            self._on_input(model.block(layer), partial(self._resid_pre_hook, layer))
         for layer in by_kind.get("hook_attn_out", set()) | mids:
-            self._on_output(model.block_module(layer, adapter.attn_out), lambda v, n=layer: self._attn_out_hook(n, v))
+            self._on_output(model.block_module(layer, adapter.attn_out), partial(self._attn_out_hook, layer))
         for kind, path, point in (
             ("hook_mlp_out", adapter.mlp_out, self._on_output),
             ("mlp.hook_post", adapter.neurons, self._on_input),
         ):
             for layer in by_kind.get(kind, set()):
-                point(model.block_module(layer, path), lambda v, s=Site(kind, layer): self._visit(s, v))
+                point(model.block_module(layer, path), partial(self._visit, Site(kind, layer)))
         for layer in by_kind.get("hook_resid_post", set()):
-            self._on_output(model.block(layer), lambda v, s=Site("hook_resid_post", layer): self._visit(s, v))
+            self._on_output(model.block(layer), partial(self._visit, Site("hook_resid_post", layer)))
         for layer in by_kind.get("attn.hook_z", set()):
             module = model.block_module(layer, adapter.heads_out)
-            self._on_input(module, lambda v, s=Site("attn.hook_z", layer): self._visit_heads(s, v))
+            self._on_input(module, partial(self._visit_heads, Site("attn.hook_z", layer)))
         for layer in by_kind.get("attn.hook_pattern", set()):
             module = model.block_module(layer, adapter.attn)
             site = Site("attn.hook_pattern", layer)
-            attention.PATTERN_HOOKS[module] = (lambda v, s=site: self._visit(s, v), site in self.write)
+            attention.PATTERN_HOOKS[module] = (partial(self._visit, site), site in self.write)
             self._patterns.append(module)
 
     def _resid_pre_hook(self, layer: int, value: Tensor) -> Tensor:

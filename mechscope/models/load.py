@@ -125,9 +125,7 @@ def load(
     if path.exists():
         raise MechscopeError(f"cannot load {str(spec)!r}: give an HF model folder, a .gguf file, a hub id or 'default'")
     if str(spec).endswith(".gguf") or not _HUB_ID.fullmatch(str(spec)):
-        raise MechscopeError(
-            f"no such model file or folder {str(spec)!r}: give an existing path, a hub id or 'default'"
-        )
+        raise MechscopeError(f"no such model file or folder {str(spec)!r}: give an existing path, a hub id or 'default'")
     return _from_hub(str(spec), torch_dtype, device, trust_remote_code)
 
 

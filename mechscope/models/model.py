@@ -114,18 +114,14 @@ class Model:
                     raise MechscopeError("empty text: give at least one non-blank character")
             encoded = [self._need_tokenizer()(t).input_ids for t in inputs]
             if len({len(e) for e in encoded}) > 1:
-                raise MechscopeError(
-                    f"texts tokenise to different lengths {[len(e) for e in encoded]}: run them one at a time"
-                )
+                raise MechscopeError(f"texts tokenise to different lengths {[len(e) for e in encoded]}: run them one at a time")
             ids = torch.tensor(encoded)
         else:
             ids = torch.as_tensor(inputs).reshape(1, -1)
         if ids.shape[-1] == 0:
             raise MechscopeError("empty input: there are no tokens to run")
         if ids.shape[-1] > self.n_ctx:
-            raise MechscopeError(
-                f"input of {ids.shape[-1]} tokens is longer than the model's context of {self.n_ctx} tokens"
-            )
+            raise MechscopeError(f"input of {ids.shape[-1]} tokens is longer than the model's context of {self.n_ctx} tokens")
         return ids.to(self.device)
 
     def to_str_tokens(self, ids: Tensor | Sequence[int]) -> list[str]:

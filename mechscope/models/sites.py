@@ -93,9 +93,7 @@ def parse_site(name: str | Site, dims: Dims) -> Site:
         if kind not in BLOCK_KINDS:
             raise MechscopeError(f"unknown site {name!r}: per-block site kinds are {one_of(BLOCK_KINDS)}")
         if not 0 <= layer < dims.n_layers:
-            raise MechscopeError(
-                f"layer {layer} out of range in site {name!r}: valid layers are 0..{dims.n_layers - 1}"
-            )
+            raise MechscopeError(f"layer {layer} out of range in site {name!r}: valid layers are 0..{dims.n_layers - 1}")
         site = Site(kind, layer)
     elif name in GLOBAL_KINDS:
         site = Site(name)
