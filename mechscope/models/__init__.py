@@ -2,7 +2,7 @@
 
 from mechscope.models.hooks import Edit, Hooks, add, replace
 from mechscope.models.load import load
-from mechscope.models.model import Model, RunOutput
+from mechscope.models.model import Inputs, Model, RunOutput
 from mechscope.models.sites import Site
 
-__all__ = ["Edit", "Hooks", "Model", "RunOutput", "Site", "add", "load", "replace"]
+__all__ = ["Edit", "Hooks", "Inputs", "Model", "RunOutput", "Site", "add", "load", "replace"]

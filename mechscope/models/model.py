@@ -125,12 +125,18 @@ class Model:
         return ids.to(self.device)
 
     def to_str_tokens(self, ids: Tensor | Sequence[int]) -> list[str]:
-        """Each token id as the text it stands for."""
-        tok = self._need_tokenizer()
-        return [tok.decode([int(i)]) for i in torch.as_tensor(ids).reshape(-1)]
+        """Each token id as the text it stands for (`<id>` when the model has no tokenizer)."""
+        ids = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        if self.tokenizer is None:
+            return [f"<{i}>" for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
 
-    def token_ids(self, text: str) -> list[int]:
-        """Token ids of a continuation (no BOS); one-line error if it tokenises to nothing."""
+    def token_ids(self, text: str | int) -> list[int]:
+        """Token ids of a continuation (no BOS), or a single token id; one-line error if it gives no token."""
+        if isinstance(text, int):
+            if not 0 <= text < self.config.vocab_size:
+                raise MechscopeError(f"token id {text} out of range: valid ids are 0..{self.config.vocab_size - 1}")
+            return [text]
         ids = self._need_tokenizer()(text, add_special_tokens=False).input_ids
         if not ids:
             raise MechscopeError(f"target {text!r} tokenises to nothing: give at least one character")

