@@ -1,0 +1,107 @@
+"""The command line: outputs, files written, and one-line errors without tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mechscope import cli
+
+PROMPT = "The reliability of Wikipedia is very"
+
+
+def run_main(monkeypatch, capsys, *argv):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_json(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "predict", PROMPT, "--target", " questionable", "--k", "5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [t["token"] for t in result["top"][:2]] == [" high", " low"]
+    assert len(result["top"]) == 5
+    assert result["targets"][0]["rank"] == 4 and 0.03 < result["targets"][0]["prob"] < 0.06
+
+
+def test_lens_writes_html_and_png(monkeypatch, capsys, tmp_path):
+    html, png = tmp_path / "lens.html", tmp_path / "lens.png"
+    code, out, _ = run_main(monkeypatch, capsys, "lens", PROMPT, "-t", " questionable", "--html", str(html), "--png", str(png))
+    assert code == 0 and "logit lens" in out
+    page = html.read_text()
+    assert "questionable" in page and "Plotly" in page and "top:" in page  # self-contained, hover text
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sites_lists_every_site(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "sites", "--json")
+    shapes = json.loads(out)
+    assert code == 0 and len(shapes) == 2 + 30 * 8
+    assert shapes["blocks.0.mlp.hook_post"] == ["batch", "pos", 1536]
+    assert shapes["blocks.29.attn.hook_z"] == ["batch", "pos", 9, 64]
+
+
+def test_read_saves_safetensors(monkeypatch, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "acts.safetensors"
+    code, _, _ = run_main(monkeypatch, capsys, "read", PROMPT, "-s", "blocks.4.hook_resid_post", "--out", str(path))
+    assert code == 0
+    assert load_file(path)["blocks.4.hook_resid_post"].shape == (1, 6, 576)
+
+
+def test_demo_writes_report(monkeypatch, capsys, tmp_path):
+    code, out, _ = run_main(monkeypatch, capsys, "demo", "--out", str(tmp_path))
+    assert code == 0 and "' questionable'" in out
+    assert (tmp_path / "demo.html").stat().st_size > 100_000 and (tmp_path / "demo-lens.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "hi", "--model", "/no/such/model"], "no such model file or folder '/no/such/model'"),
+        (["read", PROMPT, "-s", "blocks.3.hook_nonsense"], "unknown site 'blocks.3.hook_nonsense'"),
+        (["read", PROMPT, "-s", "blocks.30.hook_resid_post"], "layer 30 out of range"),
+        (["lens", PROMPT, "-t", " x", "--pos", "6"], "position 6 out of range"),
+        (["predict", ""], "empty text"),
+        (["predict", "word " * 9000], "longer than the model's context of 8192"),
+        (["predict", PROMPT, "--target", ""], "target '' tokenises to nothing"),
+        (["predict", PROMPT, "--dtype", "int3"], "unknown dtype 'int3'"),
+    ],
+)
+def test_bad_input_one_line(monkeypatch, capsys, argv, message):
+    code, _, err = run_main(monkeypatch, capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_family_from_cli(monkeypatch, capsys, tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(
+        OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4)
+    ).save_pretrained(tmp_path)
+    code, _, err = run_main(monkeypatch, capsys, "sites", "--model", str(tmp_path))
+    assert code == 2 and "unknown model family 'opt'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_entry_point_hub_id_offline():
+    """The installed command, end to end: a hub id without the hub says how to pass a local folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mechscope.cli", "predict", "hi", "--model", "someone/some-model"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "local folder" in done.stderr and "someone/some-model" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
