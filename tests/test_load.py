@@ -90,3 +90,9 @@ def test_bfloat16_load():
     model = ms.load(dtype="bfloat16")
     assert model.hf.dtype == torch.bfloat16
     assert ms.predict(model, PROMPT, k=3).top[0].token in (" high", " low")
+
+
+def test_hub_id_without_hub_says_how_to_pass_a_folder():
+    with pytest.raises(ms.MechscopeError, match="pass its local folder") as err:
+        ms.load("someone-who-does-not-exist/no-such-model-xyz")
+    assert "someone-who-does-not-exist/no-such-model-xyz" in str(err.value)

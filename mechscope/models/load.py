@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -54,7 +56,8 @@ def _quiet_transformers():
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def converted_gguf(gguf: Path) -> Path:
@@ -129,11 +132,32 @@ def load(
     return _from_hub(str(spec), torch_dtype, device, trust_remote_code)
 
 
-def _from_hub(repo_id: str, dtype, device, trust_remote_code: bool) -> Model:
+def _hub_unreachable() -> str | None:
+    """Why the hub certainly cannot be reached (offline mode, or its host does not resolve), else None.
+
+    Checked up front because the hub client retries for half a minute before giving up. Behind a
+    proxy the host may not resolve locally, so then the client is left to try.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
-        return _from_folder(repo_id, dtype, device, trust_remote_code, repo_id)
-    except OSError as err:
-        raise MechscopeError(
-            f"could not load {repo_id!r} from the HuggingFace hub ({str(err).splitlines()[0][:120]}); "
-            "if the hub is unreachable, download the model elsewhere and pass its local folder: mechscope.load('/path/to/folder')"
-        ) from None
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} does not resolve"
+    return None
+
+
+def _from_hub(repo_id: str, dtype, device, trust_remote_code: bool) -> Model:
+    reason = _hub_unreachable()
+    if reason is None:
+        try:
+            return _from_folder(repo_id, dtype, device, trust_remote_code, repo_id)
+        except OSError as err:
+            reason = str(err).splitlines()[0][:160]
+    raise MechscopeError(
+        f"could not load {repo_id!r} from the HuggingFace hub ({reason}); if the hub is unreachable, "
+        "download the model elsewhere and pass its local folder: mechscope.load('/path/to/folder')"
+    )
