@@ -68,7 +68,7 @@ _LLAMA_LIKE = dict(
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"), **_LLAMA_LIKE),
     Adapter(
-        name="gemma2",
+        name="gemma2-3",
         model_types=("gemma2", "gemma3", "gemma3_text"),
         final_softcap="final_logit_softcapping",
         # Gemma 2 and 3 normalise each branch's output before adding it to the residual stream.

@@ -70,6 +70,7 @@ class Hooks:
         self._handles: list = []
         self._patterns: list = []
         self._resid_pre: dict[int, Tensor] = {}
+        self._batch = 1
 
     # -- applying one site ------------------------------------------------------------------------
 
@@ -130,11 +131,13 @@ class Hooks:
         model, adapter = self.model, self.model.adapter
         for kind, module_path in (
             ("hook_embed", adapter.embed),
-            ("hook_pos_embed", adapter.pos_embed),
             ("ln_final.hook_normalized", adapter.final_norm),
         ):
             if kind in by_kind:
                 self._on_output(model.module(module_path), partial(self._visit, Site(kind)))
+        if "hook_pos_embed" in by_kind:
+            self._on_output(model.module(adapter.embed), self._note_batch)
+            self._on_output(model.module(adapter.pos_embed), self._pos_embed_hook)
         mids = by_kind.get("hook_resid_mid", set())
         for layer in by_kind.get("hook_resid_pre", set()) | mids:
             self._on_input(model.block(layer), partial(self._resid_pre_hook, layer))
@@ -156,6 +159,17 @@ class Hooks:
             site = Site("attn.hook_pattern", layer)
             attention.PATTERN_HOOKS[module] = (partial(self._visit, site), site in self.write)
             self._patterns.append(module)
+
+    def _note_batch(self, embed: Tensor) -> Tensor:
+        self._batch = embed.shape[0]
+        return embed
+
+    def _pos_embed_hook(self, value: Tensor) -> Tensor:
+        """The position embedding is computed once, [1, pos, d_model], and broadcast over the batch by
+        the model; the site holds it per sequence, [batch, pos, d_model], like `hook_embed`."""
+        if value.shape[0] == 1 and self._batch > 1:
+            value = value.expand(self._batch, *value.shape[1:]).contiguous()
+        return self._visit(Site("hook_pos_embed"), value)
 
     def _resid_pre_hook(self, layer: int, value: Tensor) -> Tensor:
         site = Site("hook_resid_pre", layer)
