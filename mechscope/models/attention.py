@@ -11,15 +11,13 @@ kernel's output; while one is written they multiply the rewritten probabilities 
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from mechscope.errors import MechscopeError
 
@@ -75,14 +73,23 @@ def _dispatcher(base: Callable[[nn.Module], Callable]) -> Callable:
     return attention
 
 
-AttentionInterface.register("mechscope_sdpa", _dispatcher(lambda module: sdpa_attention_forward))
-AttentionInterface.register("mechscope_eager", _dispatcher(_family_eager))
-AttentionMaskInterface.register("mechscope_sdpa", sdpa_mask)
-AttentionMaskInterface.register("mechscope_eager", eager_mask)
+@functools.cache
+def _register() -> None:
+    """Register mechscope's attention functions with transformers (once, when the first model is wrapped,
+    so that `import mechscope` does not pay for importing transformers' modelling code)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register("mechscope_sdpa", _dispatcher(lambda module: sdpa_attention_forward))
+    AttentionInterface.register("mechscope_eager", _dispatcher(_family_eager))
+    AttentionMaskInterface.register("mechscope_sdpa", sdpa_mask)
+    AttentionMaskInterface.register("mechscope_eager", eager_mask)
 
 
 def install(hf_model) -> None:
     """Route the model's attention through mechscope's dispatcher, keeping its own kernel as the base."""
+    _register()
     current = hf_model.config._attn_implementation
     if current and current.startswith("mechscope_"):
         return
