@@ -112,3 +112,12 @@ def test_bad_input_gets_one_line(model, call, message):
     with pytest.raises(ms.MechscopeError, match=message) as err:
         call(model)
     assert "\n" not in str(err.value)
+
+
+def test_unembed_of_the_last_block_is_the_models_logits(tiny):
+    """Every family: the logit lens's last row goes through the model's own final norm and unembedding."""
+    ids = tiny.ids[:1]
+    lens = ms.logit_lens(tiny.model, ids, [3, 4])
+    with torch.inference_mode():
+        final = tiny.reference(ids).logits[0].softmax(-1)
+    torch.testing.assert_close(lens.probs[-1], final[:, [3, 4]].to(lens.probs.dtype), rtol=1e-5, atol=1e-9)

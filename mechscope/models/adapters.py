@@ -46,6 +46,9 @@ class Adapter:
     a string names the config flag that decides it."""
     final_softcap: str | None = None
     """Config attribute holding the final-logit soft cap, where the family caps logits."""
+    branch_norms: bool = False
+    """True when `attn_out` and `mlp_out` are norms applied to the output of `heads_out` / `neurons`
+    (Gemma 2 and 3); otherwise those outputs reach the residual stream unchanged."""
 
     def is_parallel(self, config) -> bool:
         if isinstance(self.parallel, str):
@@ -71,6 +74,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         name="gemma2-3",
         model_types=("gemma2", "gemma3", "gemma3_text"),
         final_softcap="final_logit_softcapping",
+        branch_norms=True,
         # Gemma 2 and 3 normalise each branch's output before adding it to the residual stream.
         **{**_LLAMA_LIKE, "attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
     ),
@@ -99,7 +103,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         blocks="gpt_neox.layers",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",
         attn="attention",
         attn_out="post_attention_dropout",
         mlp_out="post_mlp_dropout",
