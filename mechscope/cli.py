@@ -111,6 +111,35 @@ def lens(
 
 
 @app.command()
+def attribute(
+    text: str,
+    target: Annotated[str, typer.Option("--target", "-t", help="The token whose logit is explained.")],
+    vs: Annotated[str | None, typer.Option(help="Explain logit(target) - logit(vs) instead.")] = None,
+    top: Annotated[int, typer.Option(help="How many heads and neurons to list.")] = 20,
+    pos: Annotated[int, typer.Option(help="Position whose next-token logit is explained.")] = -1,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """Direct logit attribution: which heads (L.H) and neurons (L:N) write the target's logit."""
+    from mechscope.attribution import direct_logit_attribution
+
+    m = _load(model, dtype)
+    a = direct_logit_attribution(m, text, target, vs=vs, position=pos)
+    what = f"logit({target!r})" + (f" - logit({vs!r})" if vs is not None else "")
+    table = Table(title=f"direct logit attribution of {what} at position {a.position}", title_justify="left")
+    for column in ("unit", "kind", "contribution"):
+        table.add_column(column, justify="right" if column == "contribution" else "left")
+    for name, value in a.top(top):
+        table.add_row(name, "neuron" if ":" in name else "head", f"{value:+.4f}")
+    console.print(table)
+    console.print(
+        f"embeddings {a.embed:+.4f} · biases {a.biases:+.4f} · all heads {float(a.heads.sum()):+.4f} · "
+        f"all neurons {float(a.neurons.sum()):+.4f} · sum {a.total:+.4f} = {what} {a.logit:+.4f}"
+        " (final norm scale frozen at the clean run)"
+    )
+
+
+@app.command()
 def sites(
     model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -177,6 +206,16 @@ def demo(
     console.print(_targets_table(prediction))
     result = mechscope.logit_lens(m, text, [target], k=5)
     console.print(viz.lens_table(result))
+    from mechscope.attribution import direct_logit_attribution
+
+    attribution = direct_logit_attribution(m, text, target)
+    units = [(name, "neuron" if ":" in name else "head", f"{value:+.4f}") for name, value in attribution.top(10)]
+    table = Table(title=f"top 10 heads (L.H) and neurons (L:N) writing logit({target!r})", title_justify="left")
+    for column in ("unit", "kind", "direct contribution"):
+        table.add_column(column)
+    for row in units:
+        table.add_row(*row)
+    console.print(table)
     top_rows = [(t.token.__repr__(), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
     report = viz.write_report(
         out / "demo.html",
@@ -184,6 +223,10 @@ def demo(
         [
             ("Next-token distribution", viz.table_html(["token", "prob", "log-prob"], top_rows)),
             (f"Logit lens of {target!r}", viz.lens_figure(result)),
+            (
+                f"Direct logit attribution of {target!r} (logit {attribution.logit:.3f})",
+                viz.table_html(["unit", "kind", "direct contribution"], units),
+            ),
         ],
     )
     png = viz.lens_png(result, out / "demo-lens.png")

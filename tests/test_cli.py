@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,3 +106,23 @@ def test_entry_point_hub_id_offline():
     assert done.returncode == 2
     assert "local folder" in done.stderr and "someone/some-model" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_attribute_lists_units_that_sum_to_the_logit(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "attribute", PROMPT, "-t", " questionable", "--vs", " high", "--top", "5")
+    assert code == 0 and "neuron" in out
+    flat = " ".join(out.split())  # the console wraps long lines
+    match = re.search(r" sum ([-+.\d]+) = .* ([-+.\d]+) \(final norm", flat)
+    assert match and float(match.group(1)) == float(match.group(2))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["attribute", PROMPT, "-t", " high", "--vs", " high"], "same token as the target"),
+        (["attribute", PROMPT, "-t", " high", "--pos", "6"], "position 6 out of range"),
+    ],
+)
+def test_attribute_bad_input(monkeypatch, capsys, argv, message):
+    code, _, err = run_main(monkeypatch, capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
