@@ -140,6 +140,44 @@ def attribute(
 
 
 @app.command()
+def intervene(
+    text: str,
+    set_: Annotated[list[str], typer.Option("--set", help="Set a unit: L:N=V (neuron) or L.H=V (head); repeat.")] = None,
+    scale: Annotated[list[str], typer.Option(help="Scale a unit: L:N=F; repeat.")] = None,
+    add: Annotated[list[str], typer.Option(help="Add to a unit: L:N=V; repeat.")] = None,
+    ablate: Annotated[list[str], typer.Option(help="Zero-ablate a unit: L:N or L.H; repeat.")] = None,
+    mean_ablate: Annotated[list[str], typer.Option(help="Mean-ablate a unit (mean over the prompt); repeat.")] = None,
+    position: Annotated[list[int], typer.Option(help="Only at these prompt positions; repeat. Default: all.")] = None,
+    target: TargetOpt = None,
+    k: Annotated[int, typer.Option(help="How many top tokens to compare.")] = 10,
+    generate: Annotated[int, typer.Option(help="Also generate this many tokens greedily, with and without.")] = 0,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """Change neurons or heads and compare the next-token distribution (and generations) before and after."""
+    from mechscope import attribution
+
+    m = _load(model, dtype)
+    interventions = attribution.from_options(
+        m, set=set_ or (), scale=scale or (), add=add or (), ablate=ablate or (), mean_ablate=mean_ablate or (),
+        positions=position or None,
+    )  # fmt: skip
+    result = attribution.intervene(m, text, interventions, k=k, targets=target or [])
+    console.print("interventions: " + "; ".join(result.interventions))
+    table = Table(title=f"next token before and after (KL {result.kl:.4f} nats)", title_justify="left")
+    for column in ("token", "before", "after", "Δ prob", "Δ log-prob"):
+        table.add_column(column, justify="left" if column == "token" else "right")
+    for d in [*result.targets, *result.deltas]:
+        table.add_row(
+            repr(d.token), f"{d.prob_before:.4f}", f"{d.prob_after:.4f}", f"{d.delta_prob:+.4f}", f"{d.delta_logprob:+.3f}"
+        )
+    console.print(table)
+    if generate:
+        texts = attribution.generate(m, text, interventions, max_new_tokens=generate)
+        console.print(f"[bold]without:[/] {escape(text + texts.before)}\n[bold]with:[/]    {escape(text + texts.after)}")
+
+
+@app.command()
 def sites(
     model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

@@ -126,3 +126,24 @@ def test_attribute_lists_units_that_sum_to_the_logit(monkeypatch, capsys):
 def test_attribute_bad_input(monkeypatch, capsys, argv, message):
     code, _, err = run_main(monkeypatch, capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_intervene_shows_before_and_after(monkeypatch, capsys):
+    argv = ["intervene", PROMPT, "--ablate", "29:288", "--scale", "27:846=0", "-t", " questionable", "--generate", "3"]
+    code, out, _ = run_main(monkeypatch, capsys, *argv)
+    assert code == 0 and "zero-ablate 29:288" in out and "target" in out and "questionable" in out
+    assert "without:" in out and "with:" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["intervene", PROMPT, "--ablate", "30:1"], "layer 30 out of range"),
+        (["intervene", PROMPT, "--ablate", "3:1536"], "neuron 1536"),
+        (["intervene", PROMPT, "--set", "3:12"], "bad assignment"),
+        (["intervene", PROMPT, "--ablate", "twelve"], "bad unit 'twelve'"),
+    ],
+)
+def test_intervene_bad_units(monkeypatch, capsys, argv, message):
+    code, _, err = run_main(monkeypatch, capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,484 @@
+"""Interventions: change neurons, heads or directions during the forward pass and see what changes.
+
+An `Intervention` describes one change, built with its constructors:
+
+- on units (neurons `L:N`, heads `L.H`, see `units.py`): `Intervention.set(units, value)`,
+  `.scale(units, factor)`, `.add(units, value)`, `.zero(units)` and `.mean_ablate(units, reference)`.
+  A head's value is its whole `d_head` output vector, so setting or adding a number changes every
+  component of it, and a head's mean is a vector.
+- on a direction at any site (except `attn.hook_pattern`): `.add_direction(site, d, alpha)` writes
+  `x + alpha * d` (d as given, not normalised), and `.set_projection(site, d, value)` sets the
+  component of `x` along the unit vector `d / |d|` to `value`, leaving the orthogonal part alone.
+
+Every constructor takes `positions`: None (the default) changes every position, including the
+tokens that `generate` adds; a list of prompt positions (negative ones count from the end of the
+prompt) changes only those, and never a generated token.
+
+Mean ablation replaces a unit by its mean activation over a reference: by default the mean over
+all positions of the prompt itself, in a clean run; or the mean over every position of the text (or
+texts, which may differ in length) given as `reference`. `resolve` computes it; the resolved
+intervention carries it in `means` (one number per neuron, one `d_head` vector per head).
+
+`writes` turns a list of interventions into the `write` dict of `Model.run` / `Model.hooks`, with
+one function per site that applies every intervention on that site in list order. `intervene`
+compares the next-token distribution before and after; `generate` compares greedy continuations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from mechscope.attribution.units import Unit, parse_assignment, parse_units
+from mechscope.errors import MechscopeError, one_of
+from mechscope.lens.predict import Prediction, TargetScore, TokenProb, check_position, one_sequence, target_ids
+from mechscope.models import Edit, Inputs, Model
+from mechscope.models.sites import Site
+
+UNIT_OPS = ("set", "scale", "add", "zero", "mean")
+DIRECTION_OPS = ("add_direction", "set_projection")
+UnitSpec = str | Unit | Iterable[str | Unit]
+
+
+def _floats(value) -> float | tuple[float, ...]:
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, int | float):
+        return float(value)
+    return tuple(float(v) for v in value)
+
+
+def _units(units: UnitSpec) -> tuple[str | Unit, ...]:
+    if isinstance(units, str | Unit):
+        return (units,)
+    return tuple(units)
+
+
+def _positions(positions: int | Iterable[int] | None) -> tuple[int, ...] | None:
+    if positions is None:
+        return None
+    if isinstance(positions, int):
+        return (positions,)
+    return tuple(int(p) for p in positions)
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """One change to the forward pass. Build it with a constructor (`Intervention.zero("12:345")`, ...)."""
+
+    op: str
+    """One of `set`, `scale`, `add`, `zero`, `mean` (units) or `add_direction`, `set_projection` (a direction)."""
+    units: tuple[str | Unit, ...] = ()
+    """Neurons and heads (unit ops); strings are checked against the model by `resolve`."""
+    value: float | tuple[float, ...] = 0.0
+    """The value set or added, the scale factor, the direction's `alpha` or the projection's value;
+    for unit ops, either one number for every unit or one per unit."""
+    site: str | None = None
+    """The site of a direction op."""
+    direction: Tensor | None = None
+    """The direction of a direction op, shaped like one position of the site (or flattened)."""
+    positions: tuple[int, ...] | None = None
+    """Prompt positions to change; None changes every position, generated ones included."""
+    reference: Inputs | None = None
+    """Mean ablation: what the mean is taken over (None: the prompt itself)."""
+    means: tuple[Tensor, ...] | None = None
+    """Mean ablation, once resolved: each unit's mean (a 0-d tensor per neuron, a [d_head] vector per head)."""
+
+    # -- constructors ------------------------------------------------------------------------------
+
+    @classmethod
+    def set(cls, units: UnitSpec, value, positions=None) -> Intervention:
+        """Set each unit to `value` (one number, or one per unit)."""
+        return cls("set", _units(units), _floats(value), positions=_positions(positions))
+
+    @classmethod
+    def scale(cls, units: UnitSpec, factor, positions=None) -> Intervention:
+        """Multiply each unit by `factor` (one number, or one per unit)."""
+        return cls("scale", _units(units), _floats(factor), positions=_positions(positions))
+
+    @classmethod
+    def add(cls, units: UnitSpec, value, positions=None) -> Intervention:
+        """Add `value` (one number, or one per unit) to each unit."""
+        return cls("add", _units(units), _floats(value), positions=_positions(positions))
+
+    @classmethod
+    def zero(cls, units: UnitSpec, positions=None) -> Intervention:
+        """Zero-ablate each unit."""
+        return cls("zero", _units(units), 0.0, positions=_positions(positions))
+
+    @classmethod
+    def mean_ablate(cls, units: UnitSpec, reference: Inputs | None = None, positions=None) -> Intervention:
+        """Replace each unit by its mean over every position of `reference` (default: of the prompt itself)."""
+        return cls("mean", _units(units), 0.0, positions=_positions(positions), reference=reference)
+
+    @classmethod
+    def add_direction(cls, site: str | Site, direction: Tensor, alpha: float = 1.0, positions=None) -> Intervention:
+        """Write `x + alpha * direction` at `site`."""
+        return cls("add_direction", value=float(alpha), site=str(site), direction=torch.as_tensor(direction),
+                   positions=_positions(positions))  # fmt: skip
+
+    @classmethod
+    def set_projection(cls, site: str | Site, direction: Tensor, value: float = 0.0, positions=None) -> Intervention:
+        """Set the component of the site's value along `direction / |direction|` to `value` (0 projects it out)."""
+        return cls("set_projection", value=float(value), site=str(site), direction=torch.as_tensor(direction),
+                   positions=_positions(positions))  # fmt: skip
+
+    # -- description -------------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        units = ",".join(str(u) for u in self.units)
+        value = self.value if isinstance(self.value, float) else list(self.value)
+        text = {
+            "set": f"set {units} = {value}",
+            "scale": f"scale {units} x {value}",
+            "add": f"add {value} to {units}",
+            "zero": f"zero-ablate {units}",
+            "mean": f"mean-ablate {units} (mean over {'the prompt' if self.reference is None else 'the reference'})",
+            "add_direction": f"add {value} * direction at {self.site}",
+            "set_projection": f"set projection on direction at {self.site} to {value}",
+        }.get(self.op, self.op)
+        return text + ("" if self.positions is None else f" at positions {list(self.positions)}")
+
+
+def _check_positions(iv: Intervention, n_prompt: int | None) -> tuple[int, ...] | None:
+    if iv.positions is None:
+        return None
+    if n_prompt is None:
+        if any(p < 0 for p in iv.positions):
+            raise MechscopeError(f"negative positions {list(iv.positions)} need the prompt: pass ids to resolve()")
+        return iv.positions
+    return tuple(sorted({check_position(p, n_prompt) for p in iv.positions}))
+
+
+def _values(iv: Intervention, n: int) -> tuple[float, ...]:
+    if isinstance(iv.value, float):
+        return (iv.value,) * n
+    if len(iv.value) != n:
+        raise MechscopeError(f"{len(iv.value)} values for {n} units in '{iv}': give one value, or one per unit")
+    return iv.value
+
+
+def unit_means(model: Model, units: Sequence[Unit], reference: Inputs) -> list[Tensor]:
+    """Each unit's mean activation over every position of `reference`: a text, token ids, or a list of texts (or of
+    id sequences) of any lengths."""
+    if isinstance(reference, str | Tensor) or not len(reference) or isinstance(reference[0], int):
+        batches = [reference]  # one text, or token ids
+    else:
+        batches = list(reference)  # several texts (or id sequences), run one at a time
+    sites = sorted({u.site.name for u in units})
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for batch in batches:
+        cache = model.run(batch, read=sites).cache
+        for name in sites:
+            value = cache[name].double()
+            total = value.sum(dim=(0, 1))
+            sums[name] = total if name not in sums else sums[name] + total
+        count += cache[sites[0]].shape[0] * cache[sites[0]].shape[1]
+    return [(sums[u.site.name][u.index] / count).to(model.hf.dtype) for u in units]
+
+
+def resolve(model: Model, interventions: Iterable[Intervention], ids: Tensor | None = None) -> list[Intervention]:
+    """Check every intervention against the model and the prompt `ids` ([1, pos]), parse its units, and
+    compute the means of mean ablations. One-line error on the first bad one."""
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    n_prompt = None if ids is None else ids.shape[-1]
+    resolved = []
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise MechscopeError(f"not an intervention: {iv!r}; build one with Intervention.set / scale / add / zero / ...")
+        positions = _check_positions(iv, n_prompt)
+        if iv.op in UNIT_OPS:
+            units = tuple(parse_units(iv.units, model))
+            _values(iv, len(units))
+            means = iv.means
+            if iv.op == "mean" and means is None:
+                reference = iv.reference if iv.reference is not None else ids
+                if reference is None:
+                    raise MechscopeError(f"'{iv}' needs a reference: pass the prompt ids to resolve() or give reference=")
+                means = tuple(unit_means(model, units, reference))
+            resolved.append(dataclasses.replace(iv, units=units, positions=positions, means=means))
+        elif iv.op in DIRECTION_OPS:
+            site = model.site(iv.site)
+            if site.kind == "attn.hook_pattern":
+                raise MechscopeError(f"cannot steer a direction at {site}: use any site but attn.hook_pattern")
+            shape = tuple(int(s) for s in model.shape(site)[2:])
+            numel = int(torch.Size(shape).numel())
+            direction = iv.direction
+            if direction.numel() != numel:
+                raise MechscopeError(
+                    f"direction of shape {list(direction.shape)} does not fit site {site}: "
+                    f"give {numel} numbers, shaped {list(shape)}"
+                )
+            direction = direction.reshape(shape).to(model.device, model.hf.dtype)
+            if iv.op == "set_projection" and float(direction.norm()) == 0:
+                raise MechscopeError(f"zero direction in '{iv}': give a direction with a non-zero norm")
+            resolved.append(dataclasses.replace(iv, site=site.name, direction=direction, positions=positions))
+        else:
+            raise MechscopeError(f"unknown intervention {iv.op!r}: valid ones are {one_of(UNIT_OPS + DIRECTION_OPS)}")
+    return resolved
+
+
+# -- the write functions ---------------------------------------------------------------------------
+
+
+def _unit_edit(iv: Intervention, new: Tensor) -> None:
+    """Apply a unit intervention in place to `new` ([batch, pos, d_mlp] or [batch, pos, n_heads, d_head])."""
+    values = _values(iv, len(iv.units))
+    for i, unit in enumerate(iv.units):
+        part = new[:, :, unit.index]  # a view: [batch, pos] for a neuron, [batch, pos, d_head] for a head
+        if iv.op == "set":
+            part.fill_(values[i])
+        elif iv.op == "scale":
+            part.mul_(values[i])
+        elif iv.op == "add":
+            part.add_(values[i])
+        elif iv.op == "zero":
+            part.zero_()
+        else:  # mean
+            part.copy_(iv.means[i].to(part.dtype).expand_as(part))
+
+
+def _direction_edit(iv: Intervention, new: Tensor) -> None:
+    d = iv.direction.to(new.device, new.dtype)
+    if iv.op == "add_direction":
+        new.add_(iv.value * d)
+        return
+    u = d / d.norm()
+    trailing = tuple(range(2, new.ndim))
+    coeff = (new * u).sum(dim=trailing, keepdim=True)
+    new.add_((iv.value - coeff) * u)
+
+
+class _SiteEdit:
+    """The one write function of a site: every intervention on it, in order, at its positions.
+
+    Positions are absolute. A pass of more than one token starts at position 0 (a full forward pass);
+    a one-token pass right after another continues it (a generation step with a KV cache)."""
+
+    def __init__(self, interventions: list[Intervention]):
+        self.interventions = interventions
+        self.seen = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n = x.shape[1]
+        start = self.seen if (n == 1 and self.seen > 0) else 0
+        self.seen = start + n
+        out = x
+        for iv in self.interventions:
+            if iv.positions is None:
+                mask = None
+            else:
+                inside = [p - start for p in iv.positions if start <= p < start + n]
+                mask = torch.tensor(inside, dtype=torch.long, device=x.device)
+                if not len(mask):
+                    continue
+            new = out.clone()
+            if iv.op in UNIT_OPS:
+                _unit_edit(iv, new)
+            else:
+                _direction_edit(iv, new)
+            if mask is None:
+                out = new
+            else:
+                out = out.clone()
+                out[:, mask] = new[:, mask]
+        return out
+
+
+def writes(model: Model, interventions: Iterable[Intervention], ids: Tensor | None = None) -> dict[str, Edit]:
+    """The `write` dict for `model.run` / `model.hooks` applying `interventions` (one function per site).
+
+    `ids` is the prompt ([1, pos]): it resolves negative positions and is the default reference of
+    mean ablations. Build a fresh dict for each prompt.
+
+    >>> out = model.run(text, write=writes(model, [Intervention.zero("12:345")]))
+    """
+    by_site: dict[str, list[Intervention]] = defaultdict(list)
+    for iv in resolve(model, interventions, ids):
+        if iv.op in UNIT_OPS:
+            groups: dict[str, list[Unit]] = defaultdict(list)
+            for unit in iv.units:
+                groups[unit.site.name].append(unit)
+            for name, units in groups.items():
+                keep = [i for i, u in enumerate(iv.units) if u.site.name == name]
+                values = iv.value if isinstance(iv.value, float) else tuple(iv.value[i] for i in keep)
+                means = None if iv.means is None else tuple(iv.means[i] for i in keep)
+                by_site[name].append(dataclasses.replace(iv, units=tuple(units), value=values, means=means))
+        else:
+            by_site[iv.site].append(iv)
+    return {name: _SiteEdit(ivs) for name, ivs in by_site.items()}
+
+
+# -- before and after ------------------------------------------------------------------------------
+
+
+class TokenDelta(NamedTuple):
+    token: str
+    id: int
+    prob_before: float
+    prob_after: float
+    logprob_before: float
+    logprob_after: float
+    delta_prob: float
+    """prob_after - prob_before."""
+    delta_logprob: float
+    """logprob_after - logprob_before."""
+
+
+class InterventionResult(NamedTuple):
+    tokens: list[str]
+    """The prompt's tokens."""
+    interventions: list[str]
+    """What was done, in words."""
+    before: Prediction
+    """The next-token distribution without the interventions."""
+    after: Prediction
+    """The next-token distribution with them."""
+    deltas: list[TokenDelta]
+    """Every token in the top k before or after, most likely (before or after) first."""
+    targets: list[TokenDelta]
+    """The first token of each target."""
+    kl: float
+    """KL(before || after) of the next-token distributions, in nats."""
+
+
+def _prediction(model: Model, ids: Tensor, logprobs: Tensor, k: int, targets, tids, write) -> Prediction:
+    top = logprobs.topk(min(k, logprobs.numel()))
+    top_tokens = [
+        TokenProb(tok, int(i), float(lp.exp()), float(lp))
+        for tok, i, lp in zip(model.to_str_tokens(top.indices), top.indices, top.values, strict=True)
+    ]
+    scores = []
+    for target, t in zip(targets, tids, strict=True):
+        first = logprobs[t[0]]
+        if len(t) == 1:
+            full = float(first)
+        else:
+            seq = torch.cat([ids[0], torch.tensor(t, device=ids.device)])
+            w = write() if write else None
+            lp = model.run(seq, write=w, logits=True).logits[0, ids.shape[1] - 1 : -1].float().log_softmax(-1)
+            full = float(lp.gather(-1, torch.tensor(t, device=ids.device)[:, None]).sum())
+        rank = int((logprobs > first).sum()) + 1
+        scores.append(
+            TargetScore(target, model.to_str_tokens(t[:1])[0], t[0], float(first.exp()), rank, float(first), full, len(t))
+        )
+    return Prediction(model.to_str_tokens(ids[0]), top_tokens, scores)
+
+
+def _delta(model: Model, tid: int, before: Tensor, after: Tensor) -> TokenDelta:
+    b, a = float(before[tid]), float(after[tid])
+    pb, pa = float(before[tid].exp()), float(after[tid].exp())
+    return TokenDelta(model.to_str_tokens([tid])[0], tid, pb, pa, b, a, pa - pb, a - b)
+
+
+@torch.inference_mode()
+def intervene(
+    model: Model,
+    text: Inputs,
+    interventions: Intervention | Iterable[Intervention],
+    k: int = 10,
+    targets: Sequence[str | int] = (),
+) -> InterventionResult:
+    """The next-token distribution of `text` before and after `interventions`, and how each likely token moved.
+
+    >>> r = intervene(model, "The reliability of Wikipedia is very", [Intervention.zero("20:1234")], targets=[" questionable"])
+    >>> r.targets[0].delta_prob
+    """
+    if k < 1:
+        raise MechscopeError(f"k={k} is invalid: k must be at least 1")
+    ids = one_sequence(model, text)
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    resolved = resolve(model, interventions, ids)
+    tids = target_ids(model, targets)
+    make_write = lambda: writes(model, resolved, ids)
+    before_lp = model.run(ids).logits[0, -1].float().log_softmax(-1)
+    after_lp = model.run(ids, write=make_write(), logits=True).logits[0, -1].float().log_softmax(-1)
+    before = _prediction(model, ids, before_lp, k, targets, tids, None)
+    after = _prediction(model, ids, after_lp, k, targets, tids, make_write)
+    seen: dict[int, None] = {}
+    for t in [*before.top, *after.top]:
+        seen.setdefault(t.id)
+    deltas = sorted((_delta(model, i, before_lp, after_lp) for i in seen), key=lambda d: -max(d.prob_before, d.prob_after))
+    target_deltas = [_delta(model, t[0], before_lp, after_lp) for t in tids]
+    kl = float((before_lp.exp() * (before_lp - after_lp)).sum())
+    return InterventionResult(before.tokens, [str(iv) for iv in resolved], before, after, deltas, target_deltas, kl)
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+class Generation(NamedTuple):
+    before: str
+    """The greedy continuation without the interventions (new tokens only)."""
+    after: str
+    """The greedy continuation with them."""
+    before_ids: list[int]
+    after_ids: list[int]
+
+
+def _decode(model: Model, ids: list[int]) -> str:
+    if model.tokenizer is None:
+        return "".join(model.to_str_tokens(ids))
+    return model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def generate(
+    model: Model, text: Inputs, interventions: Intervention | Iterable[Intervention], max_new_tokens: int = 30
+) -> Generation:
+    """Greedy continuations of `text` without and with `interventions`, which apply on every new token
+    (or, with chosen positions, only at those prompt positions).
+
+    >>> g = generate(model, "The capital of France is", [Intervention.scale("20:1234", 10)])
+    >>> g.before, g.after
+    """
+    if max_new_tokens < 1:
+        raise MechscopeError(f"max_new_tokens={max_new_tokens} is invalid: generate at least 1 token")
+    ids = one_sequence(model, text)
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    resolved = resolve(model, interventions, ids)
+    pad = model.config.pad_token_id
+    if pad is None:
+        eos = model.config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        num_beams=1, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+    )  # fmt: skip
+    plain = model.hf.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
+    with model.hooks(write=writes(model, resolved, ids)):
+        steered = model.hf.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
+    return Generation(_decode(model, plain), _decode(model, steered), plain, steered)
+
+
+def from_options(
+    model: Model,
+    set: Iterable[str] = (),
+    scale: Iterable[str] = (),
+    add: Iterable[str] = (),
+    ablate: Iterable[str] = (),
+    mean_ablate: Iterable[str] = (),
+    positions: Sequence[int] | None = None,
+) -> list[Intervention]:
+    """Interventions from command-line style strings: `set=["12:345=3.5"]`, `scale=["5.3=0"]`,
+    `add=["12:345=1"]`, `ablate=["12:345", "5.3"]` (zero), `mean_ablate=[...]` (mean over the prompt)."""
+    out: list[Intervention] = []
+    for op, items in (("set", set), ("scale", scale), ("add", add)):
+        for item in items:
+            unit, value = parse_assignment(item, model)
+            out.append(getattr(Intervention, op)(unit, value, positions))
+    out += [Intervention.zero(parse_units(item, model), positions) for item in ablate]
+    out += [Intervention.mean_ablate(parse_units(item, model), positions=positions) for item in mean_ablate]
+    if not out:
+        raise MechscopeError("no intervention given: use --set L:N=V, --scale L:N=F, --ablate L:N (L.H for a head)")
+    return out
