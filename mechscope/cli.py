@@ -167,9 +167,14 @@ def intervene(
     table = Table(title=f"next token before and after (KL {result.kl:.4f} nats)", title_justify="left")
     for column in ("token", "before", "after", "Δ prob", "Δ log-prob"):
         table.add_column(column, justify="left" if column == "token" else "right")
-    for d in [*result.targets, *result.deltas]:
+    target_ids = {d.id for d in result.targets}
+    for d in [*result.targets, *(d for d in result.deltas if d.id not in target_ids)]:
         table.add_row(
-            repr(d.token), f"{d.prob_before:.4f}", f"{d.prob_after:.4f}", f"{d.delta_prob:+.4f}", f"{d.delta_logprob:+.3f}"
+            ("target " if d.id in target_ids else "") + repr(d.token),
+            f"{d.prob_before:.4f}",
+            f"{d.prob_after:.4f}",
+            f"{d.delta_prob:+.4f}",
+            f"{d.delta_logprob:+.3f}",
         )
     console.print(table)
     if generate:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
 from mechscope import cli
 
@@ -16,6 +17,7 @@ PROMPT = "The reliability of Wikipedia is very"
 def run_main(monkeypatch, capsys, *argv):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
+    monkeypatch.setattr(cli, "console", Console(width=160))
     code = 0
     try:
         cli.main()
