@@ -183,6 +183,35 @@ def intervene(
 
 
 @app.command()
+def neuron(
+    unit: Annotated[str, typer.Argument(help="A neuron L:N or a head L.H.")],
+    texts: Annotated[list[str], typer.Argument(help="One or more texts.")],
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a PNG heatmap here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the values as JSON.")] = False,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """A neuron's activation (or a head's output norm) over the tokens of each text, as a heatmap with statistics."""
+    from mechscope import viz
+    from mechscope.attribution import unit_activations
+    from mechscope.attribution.activations import as_list
+
+    m = _load(model, dtype)
+    values = as_list(unit_activations(m, list(texts), unit))
+    if as_json:
+        print(json.dumps([v.stats() | {"tokens": v.tokens, "values": v.values.tolist()} for v in values], indent=2))
+        return
+    console.print(viz.token_heatmap_text(values))
+    console.print(viz.token_stats_table(values, title=values[0].label))
+    if html:
+        report = viz.write_report(html, values[0].label, [(values[0].label, viz.token_heatmap_html(values))])
+        console.print(f"HTML report: {report.resolve()}")
+    if png:
+        console.print(f"PNG: {viz.token_heatmap_png(values, png, title=values[0].label).resolve()}")
+
+
+@app.command()
 def sites(
     model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

@@ -149,3 +149,19 @@ def test_intervene_shows_before_and_after(monkeypatch, capsys):
 def test_intervene_bad_units(monkeypatch, capsys, argv, message):
     code, _, err = run_main(monkeypatch, capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_neuron_heatmap_and_stats(monkeypatch, capsys, tmp_path):
+    html, png = tmp_path / "n.html", tmp_path / "n.png"
+    argv = ["neuron", "29:288", PROMPT, "This source is dubious.", "--html", str(html), "--png", str(png)]
+    code, out, _ = run_main(monkeypatch, capsys, *argv)
+    assert code == 0 and "neuron 29:288" in out and "reliability" in out
+    assert "title=" in html.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run_main(monkeypatch, capsys, "neuron", "3:7", PROMPT, "--json")
+    (values,) = json.loads(out)
+    assert len(values["tokens"]) == len(values["values"]) == 6
+
+
+def test_neuron_bad_unit(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "neuron", "3:1536", PROMPT)
+    assert code == 2 and "1536" in err and len(err.strip().splitlines()) == 1

@@ -1,5 +1,14 @@
 """Attribution: which heads and neurons write a prediction, and what changing them does."""
 
+from mechscope.attribution.activations import (
+    AttentionPattern,
+    TokenValues,
+    attention_pattern,
+    direction_activations,
+    head_activations,
+    neuron_activations,
+    unit_activations,
+)
 from mechscope.attribution.dla import Attribution, direct_logit_attribution
 from mechscope.attribution.interventions import (
     Generation,
@@ -14,6 +23,13 @@ from mechscope.attribution.interventions import (
 from mechscope.attribution.units import Unit, parse_assignment, parse_unit, parse_units
 
 __all__ = [
+    "AttentionPattern",
+    "TokenValues",
+    "attention_pattern",
+    "direction_activations",
+    "head_activations",
+    "neuron_activations",
+    "unit_activations",
     "Attribution",
     "Generation",
     "Intervention",

@@ -2,5 +2,25 @@
 
 from mechscope.viz.lens_plots import lens_figure, lens_png, lens_table
 from mechscope.viz.report import table_html, write_report
+from mechscope.viz.token_heatmap import (
+    attention_pattern_figure,
+    attention_pattern_png,
+    token_heatmap_html,
+    token_heatmap_png,
+    token_heatmap_text,
+    token_stats_table,
+)
 
-__all__ = ["lens_figure", "lens_png", "lens_table", "table_html", "write_report"]
+__all__ = [
+    "attention_pattern_figure",
+    "attention_pattern_png",
+    "token_heatmap_html",
+    "token_heatmap_png",
+    "token_heatmap_text",
+    "token_stats_table",
+    "lens_figure",
+    "lens_png",
+    "lens_table",
+    "table_html",
+    "write_report",
+]
