@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -265,44 +264,10 @@ def demo(
     text: str = "The reliability of Wikipedia is very",
     target: str = " questionable",
 ):
-    """The main job on the embedded model: next-token distribution and logit lens of TEXT for TARGET."""
-    import mechscope
-    from mechscope import viz
+    """The main job on the embedded model: prediction, logit lens, the units behind TARGET and what they do."""
+    from mechscope.demo import run_demo
 
-    start = time.perf_counter()
-    m = _load("default")
-    console.print(f"loaded [bold]{m!r}[/] in {time.perf_counter() - start:.1f} s")
-    prediction = mechscope.predict(m, text, k=10, targets=[target])
-    console.print(f"prompt: {text!r} -> tokens {prediction.tokens}")
-    console.print(_prediction_table(prediction))
-    console.print(_targets_table(prediction))
-    result = mechscope.logit_lens(m, text, [target], k=5)
-    console.print(viz.lens_table(result))
-    from mechscope.attribution import direct_logit_attribution
-
-    attribution = direct_logit_attribution(m, text, target)
-    units = [(name, "neuron" if ":" in name else "head", f"{value:+.4f}") for name, value in attribution.top(10)]
-    table = Table(title=f"top 10 heads (L.H) and neurons (L:N) writing logit({target!r})", title_justify="left")
-    for column in ("unit", "kind", "direct contribution"):
-        table.add_column(column)
-    for row in units:
-        table.add_row(*row)
-    console.print(table)
-    top_rows = [(t.token.__repr__(), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
-    report = viz.write_report(
-        out / "demo.html",
-        f"mechscope demo · {m.name} · {text!r}",
-        [
-            ("Next-token distribution", viz.table_html(["token", "prob", "log-prob"], top_rows)),
-            (f"Logit lens of {target!r}", viz.lens_figure(result)),
-            (
-                f"Direct logit attribution of {target!r} (logit {attribution.logit:.3f})",
-                viz.table_html(["unit", "kind", "direct contribution"], units),
-            ),
-        ],
-    )
-    png = viz.lens_png(result, out / "demo-lens.png")
-    console.print(f"HTML report: [bold]{report.resolve()}[/]\nPNG: {png.resolve()}")
+    run_demo(console, out, text, target)
 
 
 def _jsonable(value):

@@ -1,0 +1,90 @@
+"""The main job, on the embedded model: from a prediction to the units behind it and what they do.
+
+1. The next-token distribution for the prompt, and the target's probability and rank.
+2. The logit lens of the target across every layer.
+3. The heads and neurons whose direct contribution writes the target's logit.
+4. For the top three that push it up: P(target) when each is zero-ablated and when it is doubled.
+5. The top neuron's activation over a few texts, as a token heatmap.
+
+Everything is printed and collected in one self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+import mechscope
+from mechscope import viz
+from mechscope.attribution import Intervention, direct_logit_attribution, intervene, neuron_activations
+
+HEATMAP_TEXTS = (
+    "The reliability of Wikipedia is very questionable.",
+    "Critics say the evidence is weak and the claims are doubtful.",
+    "The bridge is strong and the results are reliable.",
+)
+
+
+def _table(title: str, header: list[str], rows: list[tuple]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*map(str, row))
+    return table
+
+
+def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
+    start = time.perf_counter()
+    model = mechscope.load()
+    console.print(f"loaded [bold]{model!r}[/] in {time.perf_counter() - start:.1f} s")
+
+    prediction = mechscope.predict(model, text, k=10, targets=[target])
+    score = prediction.targets[0]
+    top_rows = [(repr(t.token), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
+    console.print(f"prompt: {text!r} -> tokens {prediction.tokens}")
+    console.print(_table("next-token distribution", ["token", "prob", "log-prob"], top_rows))
+    console.print(f"P({target!r}) = {score.prob:.4f}, rank {score.rank}")
+
+    lens = mechscope.logit_lens(model, text, [target], k=5)
+    console.print(viz.lens_table(lens))
+
+    attribution = direct_logit_attribution(model, text, target)
+    units = [(name, "neuron" if ":" in name else "head", f"{value:+.4f}") for name, value in attribution.top(10)]
+    console.print(_table(f"top 10 heads (L.H) and neurons (L:N) writing logit({target!r})", ["unit", "kind", "direct"], units))
+
+    pushers = [name for name, value in attribution.top(200) if value > 0][:3]
+    effects = []
+    for name in pushers:
+        ablated = intervene(model, text, [Intervention.zero([name])], targets=[target]).targets[0]
+        doubled = intervene(model, text, [Intervention.scale([name], 2.0)], targets=[target]).targets[0]
+        effects.append((name, f"{score.prob:.4f}", f"{ablated.prob_after:.4f}", f"{doubled.prob_after:.4f}"))
+    header = ["unit", f"P({target!r})", "zero-ablated", "doubled"]
+    console.print(_table("what the top three units do", header, effects))
+
+    top_neuron = next(name for name in pushers if ":" in name) if any(":" in n for n in pushers) else "29:288"
+    layer, index = map(int, top_neuron.split(":"))
+    values = [neuron_activations(model, t, layer, index) for t in HEATMAP_TEXTS]
+    console.print(viz.token_heatmap_text(values))
+    console.print(viz.token_stats_table(values, title=values[0].label))
+
+    report = viz.write_report(
+        out / "demo.html",
+        f"mechscope demo · {model.name} · {text!r}",
+        [
+            ("Next-token distribution", viz.table_html(["token", "prob", "log-prob"], top_rows)),
+            (f"Logit lens of {target!r}", viz.lens_figure(lens)),
+            (
+                f"Direct logit attribution of {target!r} (logit {attribution.logit:.3f})",
+                viz.table_html(["unit", "kind", "direct"], units),
+            ),
+            ("What the top three units do", viz.table_html(header, effects)),
+            (f"Neuron {top_neuron} over a few texts", viz.token_heatmap_html(values)),
+        ],
+    )
+    png = viz.lens_png(lens, out / "demo-lens.png")
+    console.print(f"HTML report: [bold]{report.resolve()}[/]\nPNG: {png.resolve()}")
+    return report
