@@ -211,6 +211,43 @@ def neuron(
 
 
 @app.command()
+def patch(
+    clean: Annotated[str, typer.Option(help="The clean prompt.")],
+    corrupt: Annotated[str, typer.Option(help="The corrupted prompt (same number of tokens).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The token the metric is about.")],
+    vs: Annotated[str | None, typer.Option(help="Metric: logit(target) - logit(vs); without it, P(target).")] = None,
+    kind: Annotated[list[str], typer.Option(help="Grids: hook_resid_pre, hook_attn_out, hook_mlp_out, attn.hook_z.")] = None,
+    attribution: Annotated[bool, typer.Option(help="Also run attribution patching and report its correlation.")] = False,
+    html: Annotated[Path | None, typer.Option(help="Write the grids as an HTML report here.")] = None,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """Activation patching: patch each clean activation into the corrupted run and see how much of the metric returns."""
+    from mechscope import attribution as attr
+    from mechscope import viz
+
+    m = _load(model, dtype)
+    kinds = kind or list(attr.patching.KINDS)
+    results = attr.activation_patching(m, clean, corrupt, target, vs=vs, kinds=kinds)
+    estimates = attr.attribution_patching(m, clean, corrupt, target, vs=vs, kinds=kinds) if attribution else {}
+    sections = []
+    for name, result in results.items():
+        console.print(f"metric {result.metric}: clean {result.clean:.4f}, corrupted {result.corrupt:.4f}")
+        title = f"{name}: share of the metric restored by patching each cell"
+        console.print(viz.grid_table(title, [str(layer) for layer in result.layers], result.col_labels, result.grid))
+        sections.append((title, attr.patching_figure(result)))
+        if name in estimates:
+            console.print(
+                f"attribution patching vs activation patching on {name}: r = {attr.compare(estimates[name], result):.3f}"
+            )
+            sections.append((f"{name}: attribution-patching estimate", attr.patching_figure(estimates[name])))
+    if html:
+        console.print(
+            f"HTML report: {viz.write_report(html, f'Activation patching · {clean!r} vs {corrupt!r}', sections).resolve()}"
+        )
+
+
+@app.command()
 def sites(
     model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

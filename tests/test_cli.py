@@ -165,3 +165,24 @@ def test_neuron_heatmap_and_stats(monkeypatch, capsys, tmp_path):
 def test_neuron_bad_unit(monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "neuron", "3:1536", PROMPT)
     assert code == 2 and "1536" in err and len(err.strip().splitlines()) == 1
+
+
+def test_patch_grid_and_attribution_correlation(monkeypatch, capsys, tmp_path):
+    argv = ["patch", "--clean", "The capital of France is", "--corrupt", "The capital of Italy is", "-t", " Paris"]
+    argv += ["--vs", " Rome", "--kind", "hook_resid_pre", "--attribution", "--html", str(tmp_path / "p.html")]
+    code, out, _ = run_main(monkeypatch, capsys, *argv)
+    assert code == 0 and "share of the metric restored" in out
+    r = float(re.search(r"r = ([-.\d]+)", out).group(1))
+    assert r > 0.8 and (tmp_path / "p.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["patch", "--clean", "The capital of France is", "--corrupt", "Paris", "-t", " Paris"], "corrupted prompt"),
+        (["patch", "--clean", "a b", "--corrupt", "a c", "-t", " x", "--vs", " x"], "same token"),
+    ],
+)
+def test_patch_bad_input(monkeypatch, capsys, argv, message):
+    code, _, err = run_main(monkeypatch, capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

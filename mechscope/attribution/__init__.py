@@ -20,6 +20,15 @@ from mechscope.attribution.interventions import (
     intervene,
     writes,
 )
+from mechscope.attribution.patching import (
+    PatchingResult,
+    activation_patching,
+    attribution_patching,
+    compare,
+    patch_naive,
+    patched_metric,
+    patching_figure,
+)
 from mechscope.attribution.units import Unit, parse_assignment, parse_unit, parse_units
 
 __all__ = [
@@ -31,6 +40,13 @@ __all__ = [
     "neuron_activations",
     "unit_activations",
     "Attribution",
+    "PatchingResult",
+    "activation_patching",
+    "attribution_patching",
+    "compare",
+    "patch_naive",
+    "patched_metric",
+    "patching_figure",
     "Generation",
     "Intervention",
     "InterventionResult",

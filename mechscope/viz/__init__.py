@@ -1,5 +1,6 @@
 """Heatmaps and reports: terminal, self-contained HTML, PNG."""
 
+from mechscope.viz.grids import grid_table
 from mechscope.viz.lens_plots import lens_figure, lens_png, lens_table
 from mechscope.viz.report import table_html, write_report
 from mechscope.viz.token_heatmap import (
@@ -12,6 +13,7 @@ from mechscope.viz.token_heatmap import (
 )
 
 __all__ = [
+    "grid_table",
     "attention_pattern_figure",
     "attention_pattern_png",
     "token_heatmap_html",
