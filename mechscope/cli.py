@@ -116,13 +116,21 @@ def attribute(
     vs: Annotated[str | None, typer.Option(help="Explain logit(target) - logit(vs) instead.")] = None,
     top: Annotated[int, typer.Option(help="How many heads and neurons to list.")] = 20,
     pos: Annotated[int, typer.Option(help="Position whose next-token logit is explained.")] = -1,
+    rankings: Annotated[
+        bool, typer.Option(help="Also rank units by attribution patching and by the real effect of ablating them.")
+    ] = False,
+    baseline: Annotated[str, typer.Option(help="Ablation for --rankings: zero or mean.")] = "zero",
     model: ModelOpt = "default",
     dtype: DtypeOpt = "float32",
 ):
     """Direct logit attribution: which heads (L.H) and neurons (L:N) write the target's logit."""
-    from mechscope.attribution import direct_logit_attribution
+    from mechscope.attribution import direct_logit_attribution, rank_units, rankings_table
 
     m = _load(model, dtype)
+    if rankings:
+        if vs is not None:
+            raise MechscopeError("--rankings explains the target's log-probability: drop --vs")
+        console.print(rankings_table(rank_units(m, text, target, top=top, baseline=baseline, position=pos)))
     a = direct_logit_attribution(m, text, target, vs=vs, position=pos)
     what = f"logit({target!r})" + (f" - logit({vs!r})" if vs is not None else "")
     table = Table(title=f"direct logit attribution of {what} at position {a.position}", title_justify="left")

@@ -2,7 +2,8 @@
 
 1. The next-token distribution for the prompt, and the target's probability and rank.
 2. The logit lens of the target across every layer.
-3. The heads and neurons whose direct contribution writes the target's logit.
+3. The heads and neurons whose direct contribution writes the target's logit, ranked three ways:
+   direct logit attribution, attribution patching, and the real effect of ablating each.
 4. For the top three that push it up: P(target) when each is zero-ablated and when it is doubled.
 5. The top neuron's activation over a few texts, as a token heatmap.
 
@@ -19,7 +20,14 @@ from rich.table import Table
 
 import mechscope
 from mechscope import viz
-from mechscope.attribution import Intervention, direct_logit_attribution, intervene, neuron_activations
+from mechscope.attribution import (
+    Intervention,
+    direct_logit_attribution,
+    intervene,
+    neuron_activations,
+    rank_units,
+    rankings_table,
+)
 
 HEATMAP_TEXTS = (
     "The reliability of Wikipedia is very questionable.",
@@ -56,6 +64,10 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     units = [(name, "neuron" if ":" in name else "head", f"{value:+.4f}") for name, value in attribution.top(10)]
     console.print(_table(f"top 10 heads (L.H) and neurons (L:N) writing logit({target!r})", ["unit", "kind", "direct"], units))
 
+    rankings = rank_units(model, text, target, top=10)
+    console.print(rankings_table(rankings))
+    ranking_rows = [(r.unit, r.kind, f"{r.dla:+.3f}", f"{r.attribution:+.3f}", f"{r.real_effect:+.3f}") for r in rankings.rows]
+
     pushers = [name for name, value in attribution.top(200) if value > 0][:3]
     effects = []
     for name in pushers:
@@ -80,6 +92,10 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
             (
                 f"Direct logit attribution of {target!r} (logit {attribution.logit:.3f})",
                 viz.table_html(["unit", "kind", "direct"], units),
+            ),
+            (
+                "Three rankings: DLA (logit), attribution patching and the real effect of zero-ablation (log-prob)",
+                viz.table_html(["unit", "kind", "DLA", "attribution", "real effect"], ranking_rows),
             ),
             ("What the top three units do", viz.table_html(header, effects)),
             (f"Neuron {top_neuron} over a few texts", viz.token_heatmap_html(values)),

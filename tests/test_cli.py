@@ -186,3 +186,8 @@ def test_patch_grid_and_attribution_correlation(monkeypatch, capsys, tmp_path):
 def test_patch_bad_input(monkeypatch, capsys, argv, message):
     code, _, err = run_main(monkeypatch, capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_attribute_rankings(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "attribute", PROMPT, "-t", " questionable", "--rankings", "--top", "4")
+    assert code == 0 and "real effect" in out and "Spearman" in out

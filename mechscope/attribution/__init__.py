@@ -29,6 +29,7 @@ from mechscope.attribution.patching import (
     patched_metric,
     patching_figure,
 )
+from mechscope.attribution.rankings import Rankings, rank_units, rankings_table
 from mechscope.attribution.units import Unit, parse_assignment, parse_unit, parse_units
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "unit_activations",
     "Attribution",
     "PatchingResult",
+    "Rankings",
+    "rank_units",
+    "rankings_table",
     "activation_patching",
     "attribution_patching",
     "compare",
