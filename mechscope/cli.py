@@ -256,6 +256,39 @@ def patch(
 
 
 @app.command()
+def pattern(
+    head: Annotated[str, typer.Argument(help="A head, L.H (e.g. 5.3).")],
+    text: str,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a PNG heatmap here.")] = None,
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "float32",
+):
+    """The attention pattern of one head over TEXT: for each query token, where it attends most."""
+    from mechscope import viz
+    from mechscope.attribution import attention_pattern, parse_unit
+
+    m = _load(model, dtype)
+    unit = parse_unit(head, m)
+    if unit.kind != "head":
+        raise MechscopeError(f"{head!r} is a neuron: give a head as LAYER.HEAD, e.g. 5.3")
+    ap = attention_pattern(m, text, unit.layer, unit.index)
+    table = Table(title=f"{ap.label}: strongest keys per query", title_justify="left")
+    for column in ("query", "attends to (probability)"):
+        table.add_column(column)
+    for q, row in enumerate(ap.pattern):
+        top = row.topk(min(3, q + 1))
+        keys = ", ".join(f"{k}:{ap.tokens[k]!r} {p:.2f}" for p, k in zip(top.values.tolist(), top.indices.tolist(), strict=True))
+        table.add_row(f"{q}:{ap.tokens[q]!r}", keys)
+    console.print(table)
+    if html:
+        report = viz.write_report(html, ap.label, [(ap.label, viz.attention_pattern_figure(ap))])
+        console.print(f"HTML report: {report.resolve()}")
+    if png:
+        console.print(f"PNG: {viz.attention_pattern_png(ap, png).resolve()}")
+
+
+@app.command()
 def sites(
     model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

@@ -191,3 +191,12 @@ def test_patch_bad_input(monkeypatch, capsys, argv, message):
 def test_attribute_rankings(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "attribute", PROMPT, "-t", " questionable", "--rankings", "--top", "4")
     assert code == 0 and "real effect" in out and "Spearman" in out
+
+
+def test_pattern_of_a_head(monkeypatch, capsys, tmp_path):
+    code, out, _ = run_main(
+        monkeypatch, capsys, "pattern", "5.3", PROMPT, "--png", str(tmp_path / "p.png"), "--html", str(tmp_path / "p.html")
+    )
+    assert code == 0 and "strongest keys" in out and (tmp_path / "p.png").exists() and (tmp_path / "p.html").exists()
+    code, _, err = run_main(monkeypatch, capsys, "pattern", "5.9", PROMPT)
+    assert code == 2 and "head 9" in err and len(err.strip().splitlines()) == 1
