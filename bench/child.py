@@ -99,7 +99,7 @@ def measure_rss(what: str, folder: str, ids_file: str) -> dict:
     uses_mechscope, operation = OPERATIONS[what]
     rss_start = common.rss_bytes()
     model = _ms_model() if uses_mechscope else _hf_model(folder)
-    ids = torch.load(ids_file)
+    ids = torch.load(ids_file, weights_only=True)
     rss_loaded = common.rss_bytes()
     # from_pretrained leaves the weights in a lazily read mapping: read them all, so that the increment
     # below is the operation's own memory and not the weights paging in on first use.

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_case
 
 import mechscope as ms
-from mechscope.attribution.interventions import Intervention, from_options, generate, intervene, resolve, unit_means, writes
+from mechscope.attribution.effects import generate, intervene
+from mechscope.attribution.interventions import Intervention, from_options, resolve, unit_means, writes
 from mechscope.attribution.units import Unit, parse_assignment, parse_unit, parse_units
 
 PROMPT = "The reliability of Wikipedia is very"

@@ -10,16 +10,8 @@ from mechscope.attribution.activations import (
     unit_activations,
 )
 from mechscope.attribution.dla import Attribution, direct_logit_attribution
-from mechscope.attribution.interventions import (
-    Generation,
-    Intervention,
-    InterventionResult,
-    TokenDelta,
-    from_options,
-    generate,
-    intervene,
-    writes,
-)
+from mechscope.attribution.effects import Generation, InterventionResult, TokenDelta, generate, intervene
+from mechscope.attribution.interventions import Intervention, from_options, writes
 from mechscope.attribution.patching import (
     PatchingResult,
     activation_patching,
