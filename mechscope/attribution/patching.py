@@ -103,8 +103,8 @@ def _metric_fn(model: Model, target: str | int, vs: str | int | None, metric: st
 
 def _final_logits(model: Model, ids: Tensor, write: Mapping | None = None) -> Tensor:
     """Last-position logits [batch, d_vocab] of one forward with `write` applied."""
-    with torch.inference_mode(), model.hooks(write=write):
-        return model.hf(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    with torch.inference_mode():
+        return model.run(ids, write=write, logits=True, last_only=True).logits[:, -1]
 
 
 def _setup(model: Model, clean: Inputs, corrupt: Inputs, target: str | int, vs: str | int | None, metric: str | None) -> _Setup:
@@ -334,10 +334,9 @@ def attribution_patching(
     def track(x: Tensor) -> Tensor:
         return x.detach().requires_grad_(True)
 
-    with torch.enable_grad(), model.hooks(read=names, write={"hook_embed": track}) as hooks:
-        logits = model.hf(setup.corrupt_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-        value = setup.metric(logits)[0]
-        grads = torch.autograd.grad(value, [hooks.cache[n] for n in names])
+    out = model.run(setup.corrupt_ids, read=names, write={"hook_embed": track}, logits=True, grad=True, last_only=True)
+    value = setup.metric(out.logits[:, -1])[0]
+    grads = torch.autograd.grad(value, [out.cache[n] for n in names])
     corrupt_value = float(value.detach())
     grad_of = dict(zip(names, grads, strict=True))
     results = {}
@@ -346,7 +345,7 @@ def attribution_patching(
         effects = []
         for layer in rows:
             name = f"blocks.{layer}.{kind}"
-            delta = (clean_cache[name].double() - hooks.cache[name].detach().double()) * grad_of[name].double()
+            delta = (clean_cache[name].double() - out.cache[name].detach().double()) * grad_of[name].double()
             effect = delta[0].sum((0, 2)) if kind == "attn.hook_z" else delta[0].sum(-1)  # [n_heads] or [pos]
             effects.append(effect[torch.tensor(cols, device=effect.device)])
         raw = corrupt_value + torch.stack(effects).cpu()

@@ -141,10 +141,9 @@ def _attribution(model: Model, ids: Tensor, pos: int, t: int, baseline: str):
     def track(x: Tensor) -> Tensor:
         return x.detach().requires_grad_(True)
 
-    with torch.enable_grad(), model.hooks(read=names, write={"hook_embed": track}) as hooks:
-        logits = model.hf(ids, use_cache=False).logits[:, pos]
-        value = _logprob(logits, t)[0]
-        grads = torch.autograd.grad(value, [hooks.cache[n] for n in names])
+    out = model.run(ids, read=names, write={"hook_embed": track}, logits=True, grad=True)
+    value = _logprob(out.logits[:, pos], t)[0]
+    grads = torch.autograd.grad(value, [out.cache[n] for n in names])
     d = model.dims
     neurons, heads = (
         torch.zeros(d.n_layers, d.d_mlp, dtype=torch.float64),
@@ -152,7 +151,7 @@ def _attribution(model: Model, ids: Tensor, pos: int, t: int, baseline: str):
     )
     bases: dict[str, Tensor] = {}
     for name, grad in zip(names, grads, strict=True):
-        act = hooks.cache[name].detach()[0].double()  # [pos, d_mlp] or [pos, n_heads, d_head]
+        act = out.cache[name].detach()[0].double()  # [pos, d_mlp] or [pos, n_heads, d_head]
         base = act.mean(0) if baseline == "mean" else torch.zeros_like(act[0])  # [d_mlp] or [n_heads, d_head]
         bases[name] = base.to(model.hf.dtype)
         # the baseline as the ablation will write it, in the model's dtype
@@ -191,8 +190,8 @@ def _ablated_logprobs(model: Model, ids: Tensor, t: int, units: list[Unit], base
         rows = torch.tensor([i for i, _ in items], device=model.device)
         index = torch.tensor([u for _, u in items], device=model.device)
         write[name] = _ablate(rows, index, bases[name].to(model.device)[index])
-    with torch.inference_mode(), model.hooks(write=write):
-        logits = model.hf(ids.expand(len(units), -1), use_cache=False, logits_to_keep=1).logits[:, -1]
+    with torch.inference_mode():
+        logits = model.run(ids.expand(len(units), -1), write=write, logits=True, last_only=True).logits[:, -1]
     return _logprob(logits, t).cpu()
 
 
@@ -239,7 +238,7 @@ def rank_units(
     candidates = list(dict.fromkeys(_top_units(dla.neurons, dla.heads, top) + _top_units(attr_neurons, attr_heads, top)))
     prefix = ids[:, : pos + 1]
     with torch.inference_mode():
-        clean = float(_logprob(model.hf(prefix, use_cache=False, logits_to_keep=1).logits[:, -1], t)[0])
+        clean = float(_logprob(model.run(prefix, logits=True, last_only=True).logits[:, -1], t)[0])
     chunks = [candidates[i : i + batch_size] for i in range(0, len(candidates), batch_size)]
     ablated = torch.cat([_ablated_logprobs(model, prefix, t, chunk, bases) for chunk in chunks])
     real = clean - ablated

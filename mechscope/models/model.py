@@ -157,6 +157,7 @@ class Model:
         write: Mapping[str | Site, Edit] | None = None,
         logits: bool | None = None,
         grad: bool = False,
+        last_only: bool = False,
     ) -> RunOutput:
         """One forward pass that reads `read` and applies `write`.
 
@@ -171,7 +172,7 @@ class Model:
         want_logits = bool(write) or not read if logits is None else logits
         with torch.set_grad_enabled(grad), self.hooks(read, write, stop_early=not want_logits) as hooks:
             if want_logits:
-                return RunOutput(self.hf(ids, use_cache=False).logits, hooks.cache)
+                return RunOutput(self.hf(ids, use_cache=False, logits_to_keep=int(last_only)).logits, hooks.cache)
             self.hf(ids, use_cache=False, logits_to_keep=1)
         return RunOutput(None, hooks.cache)
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mechscope.lens import LensResult
+from mechscope.viz.report import save_png
 
 FLOOR = 1e-10  # probabilities below this share the coldest colour
 
@@ -99,8 +100,4 @@ def lens_png(lens: LensResult, path: str | Path, target: int = 0) -> Path:
     ax.set_title(f"Logit lens: P({lens.targets[target]!r})")
     fig.colorbar(image, ax=ax, label="log10 P")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -44,3 +44,14 @@ def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, obj
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

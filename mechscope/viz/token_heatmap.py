@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mechscope.attribution.activations import AttentionPattern, TokenValues
+from mechscope.viz.report import save_png
 
 NEGATIVE = (33, 102, 172)  # blue, at -vmax
 POSITIVE = (178, 24, 43)  # red, at +vmax
@@ -273,11 +274,7 @@ def token_heatmap_png(values, path: str | Path, vmax: float | None = None, width
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", ticks=[-vmax, 0, vmax])
     if title:
         fig.suptitle(title, x=0.3 / fig_w, y=1 - 0.1 / fig_h, va="top", ha="left", fontsize=font + 1, parse_math=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # -- attention patterns ---------------------------------------------------------------------------
@@ -363,11 +360,7 @@ def attention_pattern_png(tokens, path: str | Path, pattern=None, title: str | N
     ax.set_title(title, parse_math=False)
     fig.colorbar(image, ax=ax, label="p", shrink=0.8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 __all__ = [
