@@ -134,7 +134,7 @@ def load(
     return _from_hub(str(spec), torch_dtype, device, trust_remote_code)
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub certainly cannot be reached (offline mode, or its host does not resolve), else None.
 
     Checked up front because the hub client retries for half a minute before giving up. Behind a
@@ -153,7 +153,7 @@ def _hub_unreachable() -> str | None:
 
 
 def _from_hub(repo_id: str, dtype, device, trust_remote_code: bool) -> Model:
-    reason = _hub_unreachable()
+    reason = hub_unreachable()
     if reason is None:
         try:
             return _from_folder(repo_id, dtype, device, trust_remote_code, repo_id)

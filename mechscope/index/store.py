@@ -1,0 +1,199 @@
+"""The index database: one DuckDB file that any SQL tool can read.
+
+Tables (a unit is a neuron, or one dimension of a site; `unit` numbers them globally):
+
+| table | columns | one row per |
+| --- | --- | --- |
+| `meta` | key, value (JSON) | setting: model, fingerprint, sites, corpus, ctx_len, k, ... |
+| `sites` | site, layer, first_unit, width | site read (units first_unit .. first_unit+width-1) |
+| `units` | unit, site, layer, idx, tokens, total, total_sq, active, max, mean, density | unit |
+| `top` | unit, rank, value, ctx, pos, token | one of a unit's top-k examples |
+| `samples` | unit, stratum, slot, value, ctx, pos, token | a stratified sample (stratum s: [2^(s-10), 2^(s-9))) |
+| `hist` | unit, bin, count | non-empty histogram bin (edges: `stats.bin_edges()`) |
+| `tokens` | ctx, pos, token, doc | token of a stored context (doc -1: start token or separator) |
+
+Position 0 of every context is the start token: it is stored in `tokens` but never counted in
+statistics. Every write of the statistics happens in one transaction with the new contexts and the
+progress counters, so a build killed at any moment leaves the last checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.index.stats import NO_TOKEN, UnitStats
+
+FORMAT = "mechscope-index/1"
+_REBUILD = "rebuild it with `mechscope index build`"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS sites (site VARCHAR, layer INTEGER, first_unit INTEGER, width INTEGER);
+CREATE TABLE IF NOT EXISTS units (unit INTEGER, site VARCHAR, layer INTEGER, idx INTEGER, tokens BIGINT, total DOUBLE,
+    total_sq DOUBLE, active BIGINT, max REAL, mean DOUBLE, density DOUBLE);
+CREATE TABLE IF NOT EXISTS top (unit INTEGER, rank SMALLINT, value REAL, ctx INTEGER, pos SMALLINT, token INTEGER);
+CREATE TABLE IF NOT EXISTS samples (unit INTEGER, stratum SMALLINT, slot SMALLINT, value REAL, ctx INTEGER, pos SMALLINT,
+    token INTEGER);
+CREATE TABLE IF NOT EXISTS hist (unit INTEGER, bin SMALLINT, count BIGINT);
+CREATE TABLE IF NOT EXISTS tokens (ctx INTEGER, pos SMALLINT, token INTEGER, doc INTEGER);
+"""
+
+
+def create(path: Path | str) -> duckdb.DuckDBPyConnection:
+    """A new (or existing) index database with every table present."""
+    con = duckdb.connect(str(path))
+    con.execute(SCHEMA)
+    return con
+
+
+def open_index(path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """Open an existing index; one-line errors for a missing file or one that is not a mechscope index."""
+    path = Path(path)
+    if not path.is_file():
+        raise MechscopeError(f"no index database at {str(path)!r}: build one with `mechscope index build --out {path}`")
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+        fmt = con.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    except duckdb.Error as err:
+        reason = str(err).splitlines()[0][:120]
+        raise MechscopeError(
+            f"{str(path)!r} is not a readable mechscope index ({reason}): rebuild it with `mechscope index build`"
+        ) from None
+    if fmt is None or json.loads(fmt[0]) != FORMAT:
+        raise MechscopeError(
+            f"{str(path)!r} is not a mechscope index of format {FORMAT}: rebuild it with `mechscope index build`"
+        )
+    return con
+
+
+def read_meta(con: duckdb.DuckDBPyConnection) -> dict:
+    return {key: json.loads(value) for key, value in con.execute("SELECT key, value FROM meta").fetchall()}
+
+
+def write_meta(con: duckdb.DuckDBPyConnection, meta: dict) -> None:
+    con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+
+
+def write_sites(con: duckdb.DuckDBPyConnection, sites: list[tuple[str, int | None, int, int]]) -> None:
+    con.execute("DELETE FROM sites")
+    con.executemany("INSERT INTO sites VALUES (?, ?, ?, ?)", sites)
+
+
+def append_tokens(con: duckdb.DuckDBPyConnection, start: int, tokens: torch.Tensor, docs: torch.Tensor) -> None:
+    """Store contexts start.. ([n, ctx_len] token ids and document ids)."""
+    n, length = tokens.shape
+    rows = {  # noqa: F841
+        "ctx": np.repeat(np.arange(start, start + n, dtype=np.int32), length),
+        "pos": np.tile(np.arange(length, dtype=np.int16), n),
+        "token": tokens.numpy().astype(np.int32).ravel(),
+        "doc": docs.numpy().astype(np.int32).ravel(),
+    }
+    con.execute("INSERT INTO tokens SELECT * FROM rows")
+
+
+def _split(token: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
+    return (token // ctx_len).astype(np.int32), (token % ctx_len).astype(np.int16)
+
+
+def _token_at(con: duckdb.DuckDBPyConnection, ctx: np.ndarray, pos: np.ndarray, ctx_len: int) -> np.ndarray:
+    """Token id at each (ctx, pos), read back from the `tokens` table."""
+    if len(ctx) == 0:
+        return np.zeros(0, np.int32)
+    lo, hi = int(ctx.min()), int(ctx.max())
+    got = con.execute("SELECT ctx, pos, token FROM tokens WHERE ctx BETWEEN ? AND ? ORDER BY ctx, pos", [lo, hi]).fetchnumpy()
+    table = np.full((hi - lo + 1) * ctx_len, -1, np.int32)
+    table[(got["ctx"].astype(np.int64) - lo) * ctx_len + got["pos"]] = got["token"]
+    return table[(ctx.astype(np.int64) - lo) * ctx_len + pos]
+
+
+def write_stats(
+    con: duckdb.DuckDBPyConnection, stats: UnitStats, unit_sites: list[tuple[str, int | None, int]], ctx_len: int
+) -> None:
+    """Replace the statistics tables with `stats` (call inside a transaction).
+
+    `unit_sites` gives, for each unit in order, its (site, layer, index within the site).
+    """
+    for table in ("units", "top", "samples", "hist"):
+        con.execute(f"DELETE FROM {table}")
+    n_units, tokens = stats.n_units, int(stats.tokens)
+    unit = np.arange(n_units, dtype=np.int32)
+    top_values = stats.top_values.numpy()
+    unit_rows = {  # noqa: F841 (DuckDB reads local dicts of arrays by name)
+        "unit": unit,
+        "site": np.array([s for s, _, _ in unit_sites], dtype=object),
+        "layer": np.array([-1 if layer is None else layer for _, layer, _ in unit_sites], dtype=np.int32),
+        "idx": np.array([i for _, _, i in unit_sites], dtype=np.int32),
+        "tokens": np.full(n_units, tokens, np.int64),
+        "total": stats.total.numpy(),
+        "total_sq": stats.total_sq.numpy(),
+        "active": stats.active.numpy(),
+        "max": top_values[:, 0],
+        "mean": stats.total.numpy() / max(tokens, 1),
+        "density": stats.active.numpy() / max(tokens, 1),
+    }
+    con.execute("INSERT INTO units SELECT * FROM unit_rows")
+
+    held = stats.top_tokens.numpy() != NO_TOKEN
+    u, r = np.nonzero(held)
+    ctx, pos = _split(stats.top_tokens.numpy()[u, r], ctx_len)
+    top_rows = {  # noqa: F841
+        "unit": u.astype(np.int32),
+        "rank": r.astype(np.int16),
+        "value": top_values[u, r],
+        "ctx": ctx,
+        "pos": pos,
+        "token": _token_at(con, ctx, pos, ctx_len),
+    }
+    con.execute("INSERT INTO top SELECT * FROM top_rows")
+
+    held = stats.sample_tokens.numpy() != NO_TOKEN
+    u, s, slot = np.nonzero(held)
+    ctx, pos = _split(stats.sample_tokens.numpy()[u, s, slot], ctx_len)
+    sample_rows = {  # noqa: F841
+        "unit": u.astype(np.int32),
+        "stratum": s.astype(np.int16),
+        "slot": slot.astype(np.int16),
+        "value": stats.sample_values.numpy()[u, s, slot],
+        "ctx": ctx,
+        "pos": pos,
+        "token": _token_at(con, ctx, pos, ctx_len),
+    }
+    con.execute("INSERT INTO samples SELECT * FROM sample_rows")
+
+    hist = stats.hist.numpy()
+    u, b = np.nonzero(hist)
+    hist_rows = {"unit": u.astype(np.int32), "bin": b.astype(np.int16), "count": hist[u, b]}  # noqa: F841
+    con.execute("INSERT INTO hist SELECT * FROM hist_rows")
+
+
+def read_stats(con: duckdb.DuckDBPyConnection, k: int, n_samples: int, threshold: float, ctx_len: int) -> UnitStats:
+    """The statistics tables back as `UnitStats`, exactly as they were written."""
+    units = con.execute("SELECT tokens, total, total_sq, active FROM units ORDER BY unit").fetchnumpy()
+    n_units = len(units["total"])
+    stats = UnitStats.empty(n_units, k, n_samples, threshold)
+    if n_units == 0:
+        return stats
+    stats.tokens = torch.tensor(int(units["tokens"][0]))
+    stats.total = torch.from_numpy(units["total"].copy())
+    stats.total_sq = torch.from_numpy(units["total_sq"].copy())
+    stats.active = torch.from_numpy(units["active"].astype(np.int64))
+    top = con.execute("SELECT unit, rank, value, ctx, pos FROM top").fetchnumpy()
+    u, r = top["unit"].astype(np.int64), top["rank"].astype(np.int64)
+    stats.top_values[u, r] = torch.from_numpy(top["value"].astype(np.float32))
+    stats.top_tokens[u, r] = torch.from_numpy(top["ctx"].astype(np.int64) * ctx_len + top["pos"])
+    smp = con.execute("SELECT unit, stratum, slot, value, ctx, pos FROM samples").fetchnumpy()
+    u, s, slot = (smp[c].astype(np.int64) for c in ("unit", "stratum", "slot"))
+    stats.sample_values[u, s, slot] = torch.from_numpy(smp["value"].astype(np.float32))
+    stats.sample_tokens[u, s, slot] = torch.from_numpy(smp["ctx"].astype(np.int64) * ctx_len + smp["pos"])
+    stats.sample_fill.index_put_(
+        (torch.from_numpy(u), torch.from_numpy(s)), torch.ones(len(u), dtype=torch.int64), accumulate=True
+    )
+    hist = con.execute("SELECT unit, bin, count FROM hist").fetchnumpy()
+    stats.hist[hist["unit"].astype(np.int64), hist["bin"].astype(np.int64)] = torch.from_numpy(hist["count"].astype(np.int64))
+    return stats
