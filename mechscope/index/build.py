@@ -33,6 +33,7 @@ from mechscope.errors import MechscopeError
 from mechscope.index import store
 from mechscope.index.stats import HIGH_EXP, LOW_EXP, PER_OCTAVE, UnitStats
 from mechscope.index.units import IndexedSite, plan_sites, unit_names
+from mechscope.models.load import cache_dir
 
 # Settings two builds must share to be resumed or merged.
 SHARED = ("model_fingerprint", "sites", "corpus", "ctx_len", "batch_size", "seed", "k", "n_samples", "threshold", "bins")
@@ -78,6 +79,12 @@ class IndexSettings:
 
     def context_range(self) -> tuple[int, int]:
         return self.contexts or (0, -(-self.tokens // self.ctx_len))
+
+
+def default_index_path(model_name: str) -> Path:
+    """Where the CLI and the demo keep a model's index when no --db/--out is given."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    return cache_dir() / "index" / f"{safe}.duckdb"
 
 
 def _version() -> str:
@@ -216,11 +223,12 @@ def _stream(model, con, planned, source, settings, stats, span, done, checkpoint
 def _fold(model, stats: UnitStats, planned: list[IndexedSite], read: list[str], tokens, first_token: int, length: int) -> None:
     """Run one batch and fold every site's activations (positions 1.. only) into `stats`."""
     n = tokens.shape[0]
-    global_index = (first_token + torch.arange(n)[:, None] * length + torch.arange(1, length)).flatten()
+    positions = torch.arange(1, length).repeat(n)
+    global_index = first_token + torch.arange(n).repeat_interleave(length - 1) * length + positions
     cache = model.run(tokens, read=read, logits=False).cache
     for i, site in enumerate(planned):
         acts = cache.pop(site.site)[:, 1:]
-        stats.update(site.first_unit, acts.reshape(-1, site.width), global_index, count_tokens=i == 0)
+        stats.update(site.first_unit, acts.reshape(-1, site.width), global_index, positions, count_tokens=i == 0)
 
 
 def _checkpoint(con, stats: UnitStats, names, pending, done: int, complete: bool, length: int) -> None:

@@ -4,7 +4,8 @@
 keeps about it, and `update` folds in one layer's activations for one batch:
 
 1. count, sum and sum of squares (float64), and how many tokens exceed the activity threshold;
-2. the exact top-k (value, token), under the total order "larger value first, then earlier token";
+2. the exact top-k (value, token), under the total order "larger value first, then earlier token",
+   each with the unit's activations on the tokens around it (float16; NaN outside the context);
 3. a histogram over fixed bins shared by every unit (below), so histograms of shards simply add;
 4. stratified samples: for each positive octave of activation [2^e, 2^(e+1)), the first `n_samples`
    tokens in corpus order whose activation falls in it. The corpus order is a seeded shuffle, so
@@ -36,6 +37,9 @@ N_BINS = 2 * SIDE + 1
 ZERO_BIN = SIDE
 N_STRATA = HIGH_EXP - LOW_EXP
 NO_TOKEN = torch.iinfo(torch.int64).max
+WINDOW_BEFORE, WINDOW_AFTER = 16, 4
+WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
+"""Each top example keeps the unit's activations on the WINDOW_BEFORE tokens before it and WINDOW_AFTER after."""
 
 
 def bin_edges() -> Tensor:
@@ -86,6 +90,7 @@ class UnitStats:
     hist: Tensor  # [U, N_BINS] int64
     top_values: Tensor  # [U, K] float32, descending; -inf where fewer than K tokens were seen
     top_tokens: Tensor  # [U, K] int64 global token index (context * ctx_len + position)
+    top_windows: Tensor  # [U, K, WINDOW] float16 activations around each top example; NaN where unknown
     sample_values: Tensor  # [U, S, R] float32
     sample_tokens: Tensor  # [U, S, R] int64; NO_TOKEN where empty
     sample_fill: Tensor  # [U, S] int64: samples held in each stratum
@@ -101,6 +106,7 @@ class UnitStats:
             hist=torch.zeros(n_units, N_BINS, dtype=torch.int64),
             top_values=torch.full((n_units, k), -torch.inf),
             top_tokens=torch.full((n_units, k), NO_TOKEN),
+            top_windows=torch.full((n_units, k, WINDOW), torch.nan, dtype=torch.float16),
             sample_values=torch.zeros(n_units, N_STRATA, n_samples),
             sample_tokens=torch.full((n_units, N_STRATA, n_samples), NO_TOKEN),
             sample_fill=torch.zeros(n_units, N_STRATA, dtype=torch.int64),
@@ -124,8 +130,11 @@ class UnitStats:
 
     # -- one site's activations for one batch ----------------------------------------------------------
 
-    def update(self, offset: int, acts_ND: Tensor, tokens_N: Tensor, count_tokens: bool = True) -> None:
-        """Fold in activations [N, D] of units offset..offset+D-1 at the tokens `tokens_N` (global indices, ascending)."""
+    def update(self, offset: int, acts_ND: Tensor, tokens_N: Tensor, positions_N: Tensor, count_tokens: bool = True) -> None:
+        """Fold in activations [N, D] of units offset..offset+D-1 at the tokens `tokens_N` (global indices, ascending).
+
+        `positions_N` gives each token's position in its context; rows of one context are consecutive.
+        """
         acts_ND = acts_ND.float().contiguous()
         units = slice(offset, offset + acts_ND.shape[1])
         if count_tokens:
@@ -137,10 +146,10 @@ class UnitStats:
         width = acts_ND.shape[1]
         flat_bins = value_bins(acts_ND).add_(torch.arange(0, width * N_BINS, N_BINS, dtype=torch.int32))
         self.hist[units].view(-1).add_(torch.bincount(flat_bins.view(-1), minlength=width * N_BINS))
-        self._update_top(units, acts_ND, tokens_N)
+        self._update_top(units, acts_ND, tokens_N, positions_N)
         self._update_samples(units, acts_ND, tokens_N)
 
-    def _update_top(self, units: slice, acts_ND: Tensor, tokens_N: Tensor) -> None:
+    def _update_top(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, positions_N: Tensor) -> None:
         k = self.k
         bar = self.top_values[units, k - 1]
         rows, cols = (acts_ND >= bar).nonzero(as_tuple=True)
@@ -163,8 +172,27 @@ class UnitStats:
         rank = _group_rank(unit)
         keep = rank < k
         flat = unit[keep] * k + rank[keep]
+        windows = self._windows(units, touched, order[keep], acts_ND, rows, cols, positions_N)
         self.top_values[units].view(-1)[flat] = value[keep]
         self.top_tokens[units].view(-1)[flat] = token[keep]
+        self.top_windows[units].view(-1, WINDOW)[flat] = windows
+
+    def _windows(self, units, touched, source, acts_ND, rows, cols, positions_N) -> Tensor:
+        """Windows of the kept examples: `source` < held count indexes the held ones (copied), the rest
+        index this batch's candidates (read from the activations around their row)."""
+        k, held = self.k, len(touched) * self.k
+        out = torch.empty(len(source), WINDOW, dtype=torch.float16)
+        old = source < held
+        held_flat = touched[source[old] // k] * k + source[old] % k
+        out[old] = self.top_windows[units].reshape(-1, WINDOW)[held_flat]
+        new = source[~old] - held
+        offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1)
+        around = rows[new, None] + offsets  # [n, WINDOW] rows of the same context, where in range
+        at = positions_N[rows[new], None] + offsets
+        inside = (at >= 1) & (at <= positions_N[-1])  # contexts are whole, so the last row holds the last position
+        values = acts_ND[around.clamp(0, len(acts_ND) - 1), cols[new, None]]
+        out[~old] = torch.where(inside, values, torch.nan).half()
+        return out
 
     def _update_samples(self, units: slice, acts_ND: Tensor, tokens_N: Tensor) -> None:
         """Fill each unit's strata with the earliest tokens in them; only values at or above the lowest
@@ -207,6 +235,8 @@ class UnitStats:
         keep = _group_rank(units[order]) < self.k
         out.top_values = value[order][keep].view(self.n_units, self.k)
         out.top_tokens = token[order][keep].view(self.n_units, self.k)
+        windows = torch.cat([self.top_windows, other.top_windows], 1).view(-1, WINDOW)
+        out.top_windows = windows[order][keep].view(self.n_units, self.k, WINDOW)
         both_v = torch.cat([self.sample_values, other.sample_values], 2)
         both_t = torch.cat([self.sample_tokens, other.sample_tokens], 2)
         order = both_t.argsort(dim=2, stable=True)[..., : self.n_samples]  # earliest tokens first; empty slots sort last

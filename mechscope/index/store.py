@@ -7,7 +7,7 @@ Tables (a unit is a neuron, or one dimension of a site; `unit` numbers them glob
 | `meta` | key, value (JSON) | setting: model, fingerprint, sites, corpus, ctx_len, k, ... |
 | `sites` | site, layer, first_unit, width | site read (units first_unit .. first_unit+width-1) |
 | `units` | unit, site, layer, idx, tokens, total, total_sq, active, max, mean, density | unit |
-| `top` | unit, rank, value, ctx, pos, token | one of a unit's top-k examples |
+| `top` | unit, rank, value, ctx, pos, token, window_acts | one of a unit's top-k examples |
 | `samples` | unit, stratum, slot, value, ctx, pos, token | a stratified sample (stratum s: [2^(s-10), 2^(s-9))) |
 | `hist` | unit, bin, count | non-empty histogram bin (edges: `stats.bin_edges()`) |
 | `tokens` | ctx, pos, token, doc | token of a stored context (doc -1: start token or separator) |
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.index.stats import NO_TOKEN, UnitStats
+from mechscope.index.stats import NO_TOKEN, WINDOW, UnitStats
 
 FORMAT = "mechscope-index/1"
 _REBUILD = "rebuild it with `mechscope index build`"
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS sites (site VARCHAR, layer INTEGER, first_unit INTEGER, width INTEGER);
 CREATE TABLE IF NOT EXISTS units (unit INTEGER, site VARCHAR, layer INTEGER, idx INTEGER, tokens BIGINT, total DOUBLE,
     total_sq DOUBLE, active BIGINT, max REAL, mean DOUBLE, density DOUBLE);
-CREATE TABLE IF NOT EXISTS top (unit INTEGER, rank SMALLINT, value REAL, ctx INTEGER, pos SMALLINT, token INTEGER);
+CREATE TABLE IF NOT EXISTS top (unit INTEGER, rank SMALLINT, value REAL, ctx INTEGER, pos SMALLINT, token INTEGER,
+    window_acts BLOB);
 CREATE TABLE IF NOT EXISTS samples (unit INTEGER, stratum SMALLINT, slot SMALLINT, value REAL, ctx INTEGER, pos SMALLINT,
     token INTEGER);
 CREATE TABLE IF NOT EXISTS hist (unit INTEGER, bin SMALLINT, count BIGINT);
@@ -97,6 +98,17 @@ def append_tokens(con: duckdb.DuckDBPyConnection, start: int, tokens: torch.Tens
     con.execute("INSERT INTO tokens SELECT * FROM rows")
 
 
+def _blobs(rows: np.ndarray) -> np.ndarray:
+    """Each row of a 2-D float16 array as little-endian bytes (a BLOB)."""
+    rows = rows.astype("<f2")
+    return np.array([row.tobytes() for row in rows], dtype=object)
+
+
+def unblob(blobs, width: int) -> np.ndarray:
+    """BLOBs of float16 rows back as a [n, width] float32 array."""
+    return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(-1, width).astype(np.float32)
+
+
 def _split(token: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
     return (token // ctx_len).astype(np.int32), (token % ctx_len).astype(np.int16)
 
@@ -149,6 +161,7 @@ def write_stats(
         "ctx": ctx,
         "pos": pos,
         "token": _token_at(con, ctx, pos, ctx_len),
+        "window_acts": _blobs(stats.top_windows.numpy()[u, r]),
     }
     con.execute("INSERT INTO top SELECT * FROM top_rows")
 
@@ -183,8 +196,10 @@ def read_stats(con: duckdb.DuckDBPyConnection, k: int, n_samples: int, threshold
     stats.total = torch.from_numpy(units["total"].copy())
     stats.total_sq = torch.from_numpy(units["total_sq"].copy())
     stats.active = torch.from_numpy(units["active"].astype(np.int64))
-    top = con.execute("SELECT unit, rank, value, ctx, pos FROM top").fetchnumpy()
+    top = con.execute("SELECT unit, rank, value, ctx, pos, window_acts FROM top").fetchnumpy()
     u, r = top["unit"].astype(np.int64), top["rank"].astype(np.int64)
+    windows = np.frombuffer(b"".join(top["window_acts"]), dtype="<f2").reshape(-1, WINDOW)
+    stats.top_windows[u, r] = torch.from_numpy(windows.copy())
     stats.top_values[u, r] = torch.from_numpy(top["value"].astype(np.float32))
     stats.top_tokens[u, r] = torch.from_numpy(top["ctx"].astype(np.int64) * ctx_len + top["pos"])
     smp = con.execute("SELECT unit, stratum, slot, value, ctx, pos FROM samples").fetchnumpy()

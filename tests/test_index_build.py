@@ -1,0 +1,147 @@
+"""Index builds on SmolLM2 and the built-in corpus: values match the model, kill -9 resumes to the identical
+result, shards merge to one build, and bad databases or settings get one line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.index import store
+from mechscope.index.build import IndexSettings, build_index, merge_indexes
+
+pytestmark = pytest.mark.slow
+
+SITES = ["blocks.0.mlp.hook_post", "blocks.3.hook_resid_post"]
+SMALL = dict(ctx_len=32, batch_size=4, k=5, n_samples=2)
+TABLES = {
+    "units": "unit",
+    "top": "unit, rank",
+    "samples": "unit, stratum, slot",
+    "hist": "unit, bin",
+    "tokens": "ctx, pos",
+    "sites": "first_unit",
+}
+
+
+def _build(model, path, contexts=(0, 24), **kw):
+    settings = IndexSettings(contexts=contexts, **{**SMALL, **kw})
+    return build_index(model, path, sites=SITES, settings=settings, checkpoint_seconds=0, progress=False)
+
+
+def _tables(path) -> dict:
+    con = duckdb.connect(str(path), read_only=True)
+    out = {name: con.execute(f"SELECT * FROM {name} ORDER BY {order}").fetchnumpy() for name, order in TABLES.items()}
+    out["meta"] = store.read_meta(con)
+    con.close()
+    return out
+
+
+def _assert_same(a: dict, b: dict, exact_sums: bool = True) -> None:
+    for name in TABLES:
+        assert a[name].keys() == b[name].keys()
+        for col in a[name]:
+            x, y = a[name][col], b[name][col]
+            if col in ("total", "total_sq", "mean") and not exact_sums:
+                np.testing.assert_allclose(x, y, rtol=1e-9, err_msg=f"{name}.{col}")
+            else:
+                assert len(x) == len(y) and all(np.array_equal(p, q) for p, q in zip(x, y, strict=True)), f"{name}.{col}"
+
+
+@pytest.fixture(scope="module")
+def whole(smollm2, tmp_path_factory):
+    return _build(smollm2, tmp_path_factory.mktemp("index") / "whole.duckdb")
+
+
+def test_stored_values_match_the_model(smollm2, whole):
+    con = store.open_index(whole)
+    assert store.read_meta(con)["complete"] and store.read_meta(con)["tokens_seen"] == 24 * 31
+    tokens = torch.from_numpy(con.execute("SELECT token FROM tokens ORDER BY ctx, pos").fetchnumpy()["token"].astype(np.int64))
+    tokens = tokens.view(24, 32)
+    cache = smollm2.run(tokens, read=SITES, logits=False).cache
+    acts = torch.cat([cache[s].reshape(24, 32, -1) for s in SITES], -1)  # [ctx, pos, units]
+    top = con.execute("SELECT unit, value, ctx, pos FROM top WHERE rank < 3 AND unit % 97 = 0").fetchnumpy()
+    got = acts[top["ctx"], top["pos"], top["unit"]]
+    assert torch.allclose(got, torch.from_numpy(top["value"]), atol=1e-4)
+    units = con.execute("SELECT unit, max, mean, density FROM units ORDER BY unit").fetchnumpy()
+    scored = acts[:, 1:].reshape(-1, acts.shape[-1])  # position 0, the start token, is never scored
+    assert np.allclose(units["max"], scored.max(0).values.numpy(), atol=1e-4)
+    assert np.allclose(units["mean"], scored.double().mean(0).numpy(), atol=1e-5)
+    assert np.allclose(units["density"], (scored > 0).double().mean(0).numpy())
+    con.close()
+
+
+def test_resume_after_kill_is_identical(smollm2, whole, tmp_path):
+    """Killed with SIGKILL in the middle of its third checkpoint's transaction, then run again."""
+    path = tmp_path / "killed.duckdb"
+    script = f"""
+        import os, signal
+        import mechscope
+        from mechscope.index import store
+        from mechscope.index.build import IndexSettings, build_index
+        calls = [0]
+        write = store.write_stats
+        def dying(*args):
+            calls[0] += 1
+            write(*args)
+            if calls[0] == 4:  # the empty index, then two checkpoints; die inside the third
+                os.kill(os.getpid(), signal.SIGKILL)
+        store.write_stats = dying
+        settings = IndexSettings(contexts=(0, 24), **{SMALL!r})
+        build_index(mechscope.load(), {str(path)!r}, sites={SITES!r}, settings=settings, checkpoint_seconds=0, progress=False)
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert store.read_meta(duckdb.connect(str(path), read_only=True))["contexts_done"] == 8
+    _build(smollm2, path)
+    _assert_same(_tables(path), _tables(whole))
+
+
+def test_shards_merge_to_one_build(smollm2, whole, tmp_path):
+    first = _build(smollm2, tmp_path / "a.duckdb", contexts=(0, 12))
+    second = _build(smollm2, tmp_path / "b.duckdb", contexts=(12, 24))
+    merged = merge_indexes([second, first], tmp_path / "merged.duckdb")
+    a, b = _tables(merged), _tables(whole)
+    _assert_same(a, b, exact_sums=False)
+    assert a["meta"]["corpus_hash"] == b["meta"]["corpus_hash"] and a["meta"]["tokens_seen"] == b["meta"]["tokens_seen"]
+    with pytest.raises(MechscopeError, match="overlap"):
+        merge_indexes([first, whole], tmp_path / "bad.duckdb")
+
+
+def test_a_finished_build_is_left_alone(smollm2, whole, tmp_path):
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(whole, copy)
+    _build(smollm2, copy)
+    _assert_same(_tables(copy), _tables(whole))
+
+
+def test_bad_databases_and_settings(smollm2, whole, tmp_path):
+    copy = tmp_path / "other.duckdb"
+    shutil.copy(whole, copy)
+    with pytest.raises(MechscopeError, match="k=5, not 6") as err:
+        _build(smollm2, copy, k=6)
+    assert "\n" not in str(err.value)
+    con = duckdb.connect(str(copy))
+    con.execute("""UPDATE meta SET value = '"0123456789abcdef"' WHERE key = 'model_fingerprint'""")
+    con.close()
+    with pytest.raises(MechscopeError, match="built for another model"):
+        _build(smollm2, copy)
+    garbage = tmp_path / "garbage.duckdb"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(MechscopeError, match="not a readable mechscope index"):
+        _build(smollm2, garbage)
+    with pytest.raises(MechscopeError, match="no index database"):
+        store.open_index(tmp_path / "missing.duckdb")
+    with pytest.raises(MechscopeError, match="multiple of the batch size"):
+        IndexSettings(contexts=(3, 8), batch_size=4)
+    with pytest.raises(MechscopeError, match="not one value per token"):
+        build_index(smollm2, tmp_path / "p.duckdb", sites=["blocks.0.attn.hook_pattern"], progress=False)
+    with pytest.raises(MechscopeError, match="unknown site"):
+        build_index(smollm2, tmp_path / "p.duckdb", sites=["blocks.0.mlp.hook_postt"], progress=False)
