@@ -9,9 +9,11 @@ Figures, all on the embedded SmolLM2-135M-Instruct (float32, CPU), each against 
 4. `import mechscope` and `mechscope.load()` in a fresh process      vs transformers' `from_pretrained`
 5. peak RSS of each operation in a fresh process                     vs plain HF doing the corresponding work
 A1-A3. attribution (direct logit attribution, activation / attribution patching): see bench_attribution.py
+I1-I3. the max-activating index (build throughput, its memory, query latency): see bench_index.py
 
 `bench/run.py --only attribution` runs only A1-A3 and replaces just the attribution section of RESULTS.md
-(between its two HTML-comment markers), keeping the other sections from the last full run.
+(between its two HTML-comment markers), keeping the other sections from the last full run; `--only index`
+does the same for I1-I3.
 
 Correctness is checked on the way (reads equal HF's hidden states; the lens equals the hand-written one),
 so the comparisons cannot silently be of different work. Progress goes to stderr.
@@ -271,14 +273,20 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
     return "\n".join(lines)
 
 
+def _stamp(load_start: str) -> str:
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"{now}, mechscope commit {common.machine_info().get('mechscope commit', '?')}, load average at start {load_start}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--only", choices=["attribution"], help="run only these figures; keep the rest of RESULTS.md")
+    parser.add_argument("--only", choices=["attribution", "index"], help="run only these figures; keep the rest of RESULTS.md")
     only = parser.parse_args().only
     t_start = time.perf_counter()
     load_start = common.load_average()
     log("loading mechscope and the default model (converts the GGUF once if the cache is cold)")
     import bench_attribution
+    import bench_index
     import bench_inprocess
     import bench_subprocess
     import torch
@@ -298,6 +306,14 @@ def main() -> None:
         print(section.split("\n### ", 1)[0].strip())
         return
 
+    if only == "index":
+        del model  # the index figures run in fresh processes
+        section = bench_index.render(bench_index.run(), _stamp(load_start))
+        RESULTS.write_text(bench_index.splice(RESULTS.read_text() if RESULTS.exists() else "", section))
+        log(f"updated the index section of {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
+        print(section)
+        return
+
     inproc = bench_inprocess.run(model)
     _, attribution = bench_attribution.run_and_render(model)
     ids = common.batch_ids(model.tokenizer)
@@ -307,8 +323,9 @@ def main() -> None:
         torch.save(ids, ids_file)
         sub = bench_subprocess.run(folder, ids_file)
 
+    index = bench_index.render(bench_index.run(), _stamp(load_start))
     text = render(info, inproc, sub, (load_start, common.load_average()), time.perf_counter() - t_start)
-    RESULTS.write_text(text + "\n" + attribution)
+    RESULTS.write_text(text + "\n" + attribution + "\n" + index)
     log(f"wrote {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
     table = text.split("## Results", 1)[1].split("## Details", 1)[0].strip()
     print(table)

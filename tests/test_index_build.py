@@ -115,11 +115,17 @@ def test_shards_merge_to_one_build(smollm2, whole, tmp_path):
         merge_indexes([first, whole], tmp_path / "bad.duckdb")
 
 
-def test_a_finished_build_is_left_alone(smollm2, whole, tmp_path):
+def test_a_finished_build_is_left_alone_or_continued(smollm2, whole, tmp_path):
     copy = tmp_path / "copy.duckdb"
     shutil.copy(whole, copy)
     _build(smollm2, copy)
     _assert_same(_tables(copy), _tables(whole))
+    shorter = tmp_path / "shorter.duckdb"
+    _build(smollm2, shorter, contexts=(0, 8))
+    _build(smollm2, shorter)  # asked for more: continues from context 8
+    _assert_same(_tables(shorter), _tables(whole))
+    with pytest.raises(MechscopeError, match="cannot continue"):
+        _build(smollm2, shorter, contexts=(0, 16))
 
 
 def test_bad_databases_and_settings(smollm2, whole, tmp_path):

@@ -10,6 +10,7 @@ Phases of `build_index`:
 3. checkpoint: every `checkpoint_seconds`, and at the end, write the new contexts, the statistics
    and the progress in one transaction. A build killed at any moment resumes from its last
    checkpoint, re-reading the corpus to the same place, and ends identical to an uninterrupted one.
+   Asking an existing index for more tokens continues it the same way.
 
 `merge_indexes` joins shards built over disjoint ranges of the same packed corpus.
 """
@@ -170,10 +171,15 @@ def build_index(
         if existed:
             have = store.read_meta(con)
             _check_same(out, have, want)
-            if tuple(have["contexts"]) != (start, stop):
-                raise MechscopeError(f"{str(out)!r} covers contexts {have['contexts']}, not {[start, stop]}: use another --out")
-            stats = store.read_stats(con, settings.k, settings.n_samples, settings.threshold, settings.ctx_len)
             done = have["contexts_done"]
+            if have["contexts"][0] != start or stop < start + done:
+                raise MechscopeError(
+                    f"{str(out)!r} holds contexts {have['contexts'][0]}..{have['contexts'][0] + done - 1}, "
+                    f"which a build of contexts {start}..{stop - 1} cannot continue: use another --out"
+                )
+            if stop != have["contexts"][1]:  # a longer build continues where the shorter one ended
+                store.write_meta(con, {"contexts": [start, stop], "complete": False})
+            stats = store.read_stats(con, settings.k, settings.n_samples, settings.threshold, settings.ctx_len)
         else:
             stats = UnitStats.empty(sum(s.width for s in planned), settings.k, settings.n_samples, settings.threshold)
             done = 0
