@@ -12,7 +12,7 @@ from common import log
 
 LOAD_REPEATS = 5
 LOAD_BUDGET_S = 120
-RSS_OPERATIONS = ["hf_forward", "ms_resid30", "ms_all", "hf_lens", "ms_lens"]
+RSS_OPERATIONS = ["hf_forward", "ms_resid30", "ms_all", "hf_all", "hf_lens", "ms_lens"]
 
 
 def child(op: str, folder: str, ids_file: str) -> dict:

@@ -72,6 +72,52 @@ def _ms_all(model, ids):
     return common.tensor_bytes(out.cache.values())
 
 
+def _hf_all(pair, ids):
+    """Every site mechscope reads, saved with hand-written PyTorch hooks on the HF modules: the same tensors
+    (embeddings; per layer resid_pre, pattern, z, attn_out, resid_mid, neurons, mlp_out, resid_post; the
+    final norm's output), with HF's eager attention returning the patterns, and the base model's forward
+    (no unembedding, as a user who wants activations would call it)."""
+    hf = pair[0]
+    hf.set_attn_implementation("eager")
+    saved, pre = [], {}
+
+    def output(module, args, out):
+        saved.append(out[0] if isinstance(out, tuple) else out)
+
+    def first_input(module, args, kwargs):
+        saved.append(args[0] if args else kwargs["hidden_states"])
+
+    def layer_input(i):
+        def hook(module, args, kwargs):
+            pre[i] = args[0] if args else kwargs["hidden_states"]
+            saved.append(pre[i])
+
+        return hook
+
+    def attention(i):
+        def hook(module, args, out):
+            saved.extend([out[1], out[0], pre[i] + out[0]])  # pattern, attn_out, resid_mid
+
+        return hook
+
+    base = hf.model
+    handles = [base.embed_tokens.register_forward_hook(output), base.norm.register_forward_hook(output)]
+    for i, layer in enumerate(base.layers):
+        handles += [
+            layer.register_forward_pre_hook(layer_input(i), with_kwargs=True),
+            layer.self_attn.o_proj.register_forward_pre_hook(first_input, with_kwargs=True),
+            layer.self_attn.register_forward_hook(attention(i)),
+            layer.mlp.down_proj.register_forward_pre_hook(first_input, with_kwargs=True),
+            layer.mlp.register_forward_hook(output),
+            layer.register_forward_hook(output),
+        ]
+    base(ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    assert len(saved) == 2 + 8 * common.N_LAYERS, len(saved)
+    return common.tensor_bytes(saved)
+
+
 def _ms_lens(model, ids):
     import mechscope
 
@@ -88,6 +134,7 @@ OPERATIONS = {
     "hf_forward": (False, _hf_forward),
     "ms_resid30": (True, _ms_resid30),
     "ms_all": (True, _ms_all),
+    "hf_all": (False, _hf_all),
     "ms_lens": (True, _ms_lens),
     "hf_lens": (False, _hf_lens),
 }

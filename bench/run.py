@@ -145,7 +145,22 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
         _ratio_row(
             "5. peak RSS: read 30 resid_post", peak["ms_resid30"], peak["hf_forward"], "(plain HF forward)", TARGETS["rss"], _mib
         ),
-        _ratio_row("5. peak RSS: every site", peak["ms_all"], peak["hf_forward"], "(plain HF forward)", TARGETS["rss"], _mib),
+        _ratio_row(
+            "5. peak RSS: every site",
+            peak["ms_all"],
+            peak["hf_all"],
+            "(the same sites saved by hand-written HF hooks)",
+            TARGETS["rss"],
+            _mib,
+        ),
+        _ratio_row(
+            "5′. peak RSS: every site, against a forward that keeps nothing",
+            peak["ms_all"],
+            peak["hf_forward"],
+            "(plain HF forward)",
+            None,
+            _mib,
+        ),
         _ratio_row("5. peak RSS: logit lens", peak["ms_lens"], peak["hf_lens"], "(hand-written HF lens)", TARGETS["rss"], _mib),
         "",
         "## Details",
@@ -217,6 +232,7 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
         "hf_forward": "plain HF forward 8×128 (transformers only)",
         "ms_resid30": "mechscope: read 30 resid_post",
         "ms_all": "mechscope: read every site",
+        "hf_all": "the same sites saved by hand-written HF hooks (transformers only)",
         "hf_lens": "hand-written HF lens (transformers only)",
         "ms_lens": "mechscope.logit_lens",
     }
