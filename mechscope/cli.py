@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mechscope.cli_index import index_app
 from mechscope.errors import MechscopeError
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="mechscope: look inside a language model. Every command runs on the embedded SmolLM2 unless --model says otherwise.",
 )
+app.add_typer(index_app, name="index")
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]

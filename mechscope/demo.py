@@ -6,6 +6,8 @@
    direct logit attribution, attribution patching, and the real effect of ablating each.
 4. For the top three that push it up: P(target) when each is zero-ablated and when it is doubled.
 5. The top neuron's activation over a few texts, as a token heatmap.
+6. The top examples of the neurons behind the target, from the max-activating index of every neuron
+   over the built-in corpus (a small one is built first, in about a minute, if there is none yet).
 
 Everything is printed and collected in one self-contained HTML report.
 """
@@ -13,6 +15,7 @@ Everything is printed and collected in one self-contained HTML report.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 
 from rich.console import Console
@@ -28,12 +31,58 @@ from mechscope.attribution import (
     rank_units,
     rankings_table,
 )
+from mechscope.errors import MechscopeError
+from mechscope.index import store
+from mechscope.index.build import IndexSettings, build_index, default_index_path
+from mechscope.index.query import Index
+from mechscope.viz import index_views
 
 HEATMAP_TEXTS = (
     "The reliability of Wikipedia is very questionable.",
     "Critics say the evidence is weak and the claims are doubtful.",
     "The bridge is strong and the results are reliable.",
 )
+
+
+DEMO_TOKENS = 16 * 8 * 128  # 16 batches: about 40 s on two cores
+INDEX_EXAMPLES = 6
+
+
+def demo_index(model, console: Console) -> Path:
+    """The model's default index: used as it is when complete, finished when interrupted, else built small."""
+    path = default_index_path(model.name)
+    settings = IndexSettings(tokens=DEMO_TOKENS)
+    if path.exists():
+        with closing(store.open_index(path)) as con:
+            meta = store.read_meta(con)
+        if meta["complete"]:
+            return path
+        settings = IndexSettings(contexts=tuple(meta["contexts"]))  # finish the build that was interrupted
+    else:
+        console.print(f"no index of {model.name}'s neurons yet: building a small one ({DEMO_TOKENS:,} tokens) at {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return build_index(model, path, settings=settings)
+
+
+def index_sections(model, console: Console, neurons: list[str]) -> list[tuple[str, str]]:
+    """Top examples of each neuron from the index, printed and as HTML sections."""
+    sections = []
+    with Index(demo_index(model, console), model=model) as index:
+        seen = index.describe().get("tokens_seen", 0)
+        for name in neurons:
+            try:
+                examples = index.top(name, INDEX_EXAMPLES)
+            except MechscopeError as err:  # an index the user built over other sites
+                console.print(f"[yellow]{err}[/]")
+                continue
+            stats = index.stats(name)
+            title = (
+                f"Neuron {name}: top {len(examples)} of {seen:,} corpus tokens (max {stats.max:.3f}, density {stats.density:.3f})"
+            )
+            console.print(f"\n[bold]{title}[/]")
+            console.print(index_views.examples_text(examples))
+            sections.append((title, index_views.examples_html(examples)))
+    return sections
 
 
 def _table(title: str, header: list[str], rows: list[tuple]) -> Table:
@@ -83,6 +132,10 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     console.print(viz.token_heatmap_text(values))
     console.print(viz.token_stats_table(values, title=values[0].label))
 
+    neurons = [name for name, value in attribution.top(200) if value > 0 and ":" in name][:3]
+    console.print(f"\n[bold]where the neurons behind {target!r} fire most[/] (max-activating index)")
+    examples = index_sections(model, console, neurons)
+
     report = viz.write_report(
         out / "demo.html",
         f"mechscope demo · {model.name} · {text!r}",
@@ -99,6 +152,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
             ),
             ("What the top three units do", viz.table_html(header, effects)),
             (f"Neuron {top_neuron} over a few texts", viz.token_heatmap_html(values)),
+            *examples,
         ],
     )
     png = viz.lens_png(lens, out / "demo-lens.png")

@@ -62,7 +62,7 @@ def whole(smollm2, tmp_path_factory):
 
 def test_stored_values_match_the_model(smollm2, whole):
     con = store.open_index(whole)
-    assert store.read_meta(con)["complete"] and store.read_meta(con)["tokens_seen"] == 24 * 31
+    assert store.read_meta(con)["complete"] and store.read_meta(con)["tokens_seen"] == 24 * 28
     tokens = torch.from_numpy(con.execute("SELECT token FROM tokens ORDER BY ctx, pos").fetchnumpy()["token"].astype(np.int64))
     tokens = tokens.view(24, 32)
     cache = smollm2.run(tokens, read=SITES, logits=False).cache
@@ -71,7 +71,7 @@ def test_stored_values_match_the_model(smollm2, whole):
     got = acts[top["ctx"], top["pos"], top["unit"]]
     assert torch.allclose(got, torch.from_numpy(top["value"]), atol=1e-4)
     units = con.execute("SELECT unit, max, mean, density FROM units ORDER BY unit").fetchnumpy()
-    scored = acts[:, 1:].reshape(-1, acts.shape[-1])  # position 0, the start token, is never scored
+    scored = acts[:, 4:].reshape(-1, acts.shape[-1])  # the first 4 positions (start token included) are never scored
     assert np.allclose(units["max"], scored.max(0).values.numpy(), atol=1e-4)
     assert np.allclose(units["mean"], scored.double().mean(0).numpy(), atol=1e-5)
     assert np.allclose(units["density"], (scored > 0).double().mean(0).numpy())

@@ -6,7 +6,9 @@ Phases of `build_index`:
    database must be for the same model and settings; if it is unfinished, the build resumes.
 2. stream: pack the corpus into contexts (seeded, reproducible), run the model on each batch,
    reading only the chosen sites and stopping after the deepest one, and fold every site's
-   activations into `UnitStats` (position 0, the start token, is left out of the statistics).
+   activations into `UnitStats`. The first `skip` positions of each context are left out of the
+   statistics: the start token, and the first few text tokens, where a model without a BOS token
+   parks its attention and its neurons take outlier values (SmolLM2: ~200 where ~40 is typical).
 3. checkpoint: every `checkpoint_seconds`, and at the end, write the new contexts, the statistics
    and the progress in one transaction. A build killed at any moment resumes from its last
    checkpoint, re-reading the corpus to the same place, and ends identical to an uninterrupted one.
@@ -37,7 +39,7 @@ from mechscope.index.units import IndexedSite, plan_sites, unit_names
 from mechscope.models.load import cache_dir
 
 # Settings two builds must share to be resumed or merged.
-SHARED = ("model_fingerprint", "sites", "corpus", "ctx_len", "batch_size", "seed", "k", "n_samples", "threshold", "bins")
+SHARED = ("model_fingerprint", "sites", "corpus", "ctx_len", "batch_size", "seed", "skip", "k", "n_samples", "threshold", "bins")
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,14 @@ class IndexSettings:
     """A token counts towards a unit's density when its activation is above this."""
     seed: int = 0
     """Shuffle seed of the corpus's documents."""
+    skip: int = 4
+    """Positions at the start of each context that are not scored: the start token and the first text tokens."""
     contexts: tuple[int, int] | None = None
     """Build only contexts start..stop-1 (a shard); start must be a multiple of batch_size."""
 
     def __post_init__(self):
-        if self.ctx_len < 2:
-            raise MechscopeError(f"ctx_len {self.ctx_len} is too short: give at least 2 tokens per context")
+        if not 1 <= self.skip < self.ctx_len:
+            raise MechscopeError(f"skip {self.skip} out of range: give 1..{self.ctx_len - 1} (the start token is never scored)")
         for name in ("tokens", "batch_size", "k", "n_samples"):
             if getattr(self, name) < 1:
                 raise MechscopeError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -114,6 +118,7 @@ def _meta(model, sites: list[IndexedSite], settings: IndexSettings, corpus_id: s
         "ctx_len": settings.ctx_len,
         "batch_size": settings.batch_size,
         "seed": settings.seed,
+        "skip": settings.skip,
         "k": settings.k,
         "n_samples": settings.n_samples,
         "threshold": settings.threshold,
@@ -215,7 +220,7 @@ def _stream(model, con, planned, source, settings, stats, span, done, checkpoint
                         f"the corpus {source.id} has changed since this index was begun: rebuild it into another --out"
                     )
                 continue
-            _fold(model, stats, planned, read, batch.tokens, first * length, length)
+            _fold(model, stats, planned, read, batch.tokens, first * length, settings.skip)
             pending.append(batch)
             done += n
             bar.update(task, completed=done * length)
@@ -226,14 +231,14 @@ def _stream(model, con, planned, source, settings, stats, span, done, checkpoint
         _checkpoint(con, stats, names, pending, done, True, length)
 
 
-def _fold(model, stats: UnitStats, planned: list[IndexedSite], read: list[str], tokens, first_token: int, length: int) -> None:
-    """Run one batch and fold every site's activations (positions 1.. only) into `stats`."""
-    n = tokens.shape[0]
-    positions = torch.arange(1, length).repeat(n)
-    global_index = first_token + torch.arange(n).repeat_interleave(length - 1) * length + positions
+def _fold(model, stats: UnitStats, planned: list[IndexedSite], read: list[str], tokens, first_token: int, skip: int) -> None:
+    """Run one batch and fold every site's activations (positions skip.. only) into `stats`."""
+    n, length = tokens.shape
+    positions = torch.arange(skip, length).repeat(n)
+    global_index = first_token + torch.arange(n).repeat_interleave(length - skip) * length + positions
     cache = model.run(tokens, read=read, logits=False).cache
     for i, site in enumerate(planned):
-        acts = cache.pop(site.site)[:, 1:]
+        acts = cache.pop(site.site)[:, skip:]
         stats.update(site.first_unit, acts.reshape(-1, site.width), global_index, positions, count_tokens=i == 0)
 
 

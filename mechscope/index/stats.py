@@ -5,7 +5,7 @@ keeps about it, and `update` folds in one layer's activations for one batch:
 
 1. count, sum and sum of squares (float64), and how many tokens exceed the activity threshold;
 2. the exact top-k (value, token), under the total order "larger value first, then earlier token",
-   each with the unit's activations on the tokens around it (float16; NaN outside the context);
+   each with the unit's activations on the tokens around it (float16; NaN where not scored);
 3. a histogram over fixed bins shared by every unit (below), so histograms of shards simply add;
 4. stratified samples: for each positive octave of activation [2^e, 2^(e+1)), the first `n_samples`
    tokens in corpus order whose activation falls in it. The corpus order is a seeded shuffle, so
@@ -189,7 +189,7 @@ class UnitStats:
         offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1)
         around = rows[new, None] + offsets  # [n, WINDOW] rows of the same context, where in range
         at = positions_N[rows[new], None] + offsets
-        inside = (at >= 1) & (at <= positions_N[-1])  # contexts are whole, so the last row holds the last position
+        inside = (at >= positions_N[0]) & (at <= positions_N[-1])  # every context's rows span the same positions
         values = acts_ND[around.clamp(0, len(acts_ND) - 1), cols[new, None]]
         out[~old] = torch.where(inside, values, torch.nan).half()
         return out

@@ -12,9 +12,10 @@ Tables (a unit is a neuron, or one dimension of a site; `unit` numbers them glob
 | `hist` | unit, bin, count | non-empty histogram bin (edges: `stats.bin_edges()`) |
 | `tokens` | ctx, pos, token, doc | token of a stored context (doc -1: start token or separator) |
 
-Position 0 of every context is the start token: it is stored in `tokens` but never counted in
-statistics. Every write of the statistics happens in one transaction with the new contexts and the
-progress counters, so a build killed at any moment leaves the last checkpoint intact.
+Position 0 of every context is the start token; it and the next `skip - 1` positions (meta `skip`)
+are stored in `tokens` but never counted in statistics. Every write of the statistics happens in
+one transaction with the new contexts and the progress counters, so a build killed at any moment
+leaves the last checkpoint intact.
 """
 
 from __future__ import annotations

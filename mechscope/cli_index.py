@@ -1,0 +1,226 @@
+"""`mechscope index ...`: build an index of neurons (or any site's units) over a corpus, and read it.
+
+Mounted on the main app in `mechscope.cli`; errors are `MechscopeError`s, printed there as one line.
+Without --db/--out, an index lives at `mechscope.index.build.default_index_path(model name)`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mechscope.errors import MechscopeError
+
+index_app = typer.Typer(
+    no_args_is_help=True,
+    help="Max-activating examples, histograms and densities of every neuron, in a DuckDB file: build, show, search, rank.",
+)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
+DbOpt = Annotated[Path | None, typer.Option("--db", help="The index database. Default: the model's index in the user cache.")]
+NOpt = Annotated[int, typer.Option("--n", "-n", help="How many rows to show.")]
+
+
+def _console() -> Console:
+    from mechscope import cli
+
+    return cli.console
+
+
+def _load(model: str):
+    import mechscope
+
+    return mechscope.load(model)
+
+
+def _open(db: Path | None, model: str, need_model: bool = True):
+    """(Index, model): the model is loaded when needed for tokens, or to find the default database."""
+    from mechscope.index.build import default_index_path
+    from mechscope.index.query import Index
+
+    m = _load(model) if need_model or db is None else None
+    return Index(db or default_index_path(m.name), model=m), m
+
+
+def _contexts(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, _, stop = text.partition(":")
+    if not (start.strip().isdigit() and stop.strip().isdigit()):
+        raise MechscopeError(f"bad --contexts {text!r}: give START:STOP, e.g. 0:512")
+    return int(start), int(stop)
+
+
+@index_app.command()
+def build(
+    sites: Annotated[
+        list[str],
+        typer.Option("--sites", "-s", help="Sites to index; repeat or separate with commas. Default: every MLP neuron."),
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens to read (rounded up to whole contexts).")] = 100_000,
+    corpus: Annotated[
+        str | None, typer.Option(help="A .txt/.jsonl/.parquet file or folder, or hf:NAME. Default: built-in docs.")
+    ] = None,
+    field: Annotated[str, typer.Option(help="Text field of JSONL records or Parquet rows.")] = "text",
+    ctx_len: Annotated[int, typer.Option(help="Tokens per context, the start token included.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 8,
+    k: Annotated[int, typer.Option(help="Top examples kept per unit.")] = 20,
+    seed: Annotated[int, typer.Option(help="Shuffle seed of the corpus's documents.")] = 0,
+    contexts: Annotated[str | None, typer.Option(help="Build only contexts START:STOP (a shard, for `index merge`).")] = None,
+    out: Annotated[Path | None, typer.Option(help="The database to write (resumed if unfinished).")] = None,
+    model: ModelOpt = "default",
+):
+    """Build (or resume) an index: one streaming pass over the corpus, checkpointed every minute."""
+    from mechscope.index.build import IndexSettings, build_index, default_index_path
+
+    settings = IndexSettings(
+        corpus=corpus, field=field, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, k=k, seed=seed,
+        contexts=_contexts(contexts),
+    )  # fmt: skip
+    m = _load(model)
+    out = out or default_index_path(m.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = [s.strip() for spec in sites or () for s in spec.split(",") if s.strip()] or None
+    start = time.perf_counter()
+    build_index(m, out, sites=names, settings=settings)
+    _console().print(f"index: {out.resolve()} ({time.perf_counter() - start:.1f} s)")
+    info(db=out, model=model, as_json=False)
+
+
+@index_app.command()
+def show(
+    unit: Annotated[str, typer.Argument(help="A neuron L:N (e.g. 12:345) or SITE:I.")],
+    db: DbOpt = None,
+    n: NOpt = 20,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML page on the unit here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write the unit's histogram as a PNG here.")] = None,
+    samples: Annotated[bool, typer.Option(help="Also show samples from each range of activation.")] = True,
+    model: ModelOpt = "default",
+):
+    """A unit's card (statistics, histogram, tokens in and out) and its top examples as token heatmaps."""
+    from mechscope.index.card import unit_card
+    from mechscope.viz import index_views as views
+
+    index, m = _open(db, model)
+    with index:
+        card = unit_card(index, unit, model=m)
+        examples = index.top(card.unit, n)
+        strata = index.samples(card.unit) if samples else []
+    console = _console()
+    for table in views.card_tables(card):
+        console.print(table)
+    console.print(views.histogram_text(card.histogram))
+    console.print(f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)")
+    console.print(views.examples_text(examples))
+    if strata:
+        console.print("\n[bold]samples by activation range[/]")
+        console.print(views.strata_text(strata))
+    if html:
+        console.print(f"HTML page: {views.unit_page(html, card, examples, strata).resolve()}")
+    if png:
+        console.print(f"PNG: {views.histogram_png(card.histogram, png, f'{card.unit.name}: activation histogram').resolve()}")
+
+
+@index_app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="A token or string (mind the leading space: ' Python'), or a token id with --id.")],
+    db: DbOpt = None,
+    n: NOpt = 20,
+    token_id: Annotated[bool, typer.Option("--id", help="TEXT is a token id.")] = False,
+    model: ModelOpt = "default",
+):
+    """Units whose top examples sit most often on TEXT's (last) token, the rest of TEXT preceding it."""
+    index, m = _open(db, model)
+    if token_id and not text.strip().isdigit():
+        raise MechscopeError(f"--id needs a token id, got {text!r}")
+    query = int(text) if token_id else text
+    with index:
+        hits = index.search(query, n)
+    ids = [query] if token_id else index.search_ids(text)
+    console = _console()
+    console.print(f"units whose top examples sit on {escape(repr(''.join(m.to_str_tokens(ids))))} (token ids {ids})")
+    if not hits:
+        console.print("no unit has a top example there")
+        return
+    table = Table()
+    for column in ("unit", "top examples there", "best there", "unit max"):
+        table.add_column(column, justify="left" if column == "unit" else "right")
+    for h in hits:
+        table.add_row(h.unit.name, str(h.hits), f"{h.best:.4g}", f"{h.max:.4g}")
+    console.print(table)
+
+
+@index_app.command()
+def rank(
+    by: Annotated[str, typer.Option(help="density, max or mean.")] = "density",
+    site: Annotated[str | None, typer.Option(help="Only units of this site (or a layer number for its neurons).")] = None,
+    n: NOpt = 20,
+    ascending: Annotated[bool, typer.Option(help="Lowest first.")] = False,
+    db: DbOpt = None,
+    model: ModelOpt = "default",
+):
+    """Units ranked by density, max or mean activation."""
+    index, _ = _open(db, model, need_model=False)
+    with index:
+        rows = index.rank(by=by, n=n, site=site, ascending=ascending)
+    table = Table(title=f"units by {by}, {'lowest' if ascending else 'highest'} first", title_justify="left")
+    for column in ("unit", "density", "max", "mean", "std"):
+        table.add_column(column, justify="left" if column == "unit" else "right")
+    for r in rows:  # a neuron's name L:N says its site, any other unit's name is SITE:I
+        table.add_row(r.unit.name, f"{r.density:.2%}", f"{r.max:.4g}", f"{r.mean:.4g}", f"{r.std:.4g}")
+    _console().print(table)
+
+
+@index_app.command()
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="Two or more shards built with the same settings.")],
+    out: Annotated[Path, typer.Option(help="The merged database (a new file).")],
+):
+    """Merge index shards built over disjoint context ranges (`index build --contexts`) into one."""
+    from mechscope.index.build import merge_indexes
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merge_indexes(list(parts), out)
+    _console().print(f"merged {len(parts)} shards into {out.resolve()}")
+    info(db=out, model="default", as_json=False)
+
+
+@index_app.command()
+def info(
+    db: DbOpt = None,
+    model: ModelOpt = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+):
+    """An index's metadata: model, sites, corpus, tokens seen, whether the build is complete."""
+    index, _ = _open(db, model, need_model=False)
+    with index:
+        meta = index.describe()
+    if as_json:
+        print(json.dumps({"path": str(index.path), **meta}, indent=2))
+        return
+    sites = meta["sites"]
+    shown = ", ".join(sites) if len(sites) <= 4 else f"{sites[0]} ... {sites[-1]} ({len(sites)} sites)"
+    rows = [
+        ("database", f"{index.path} ({index.path.stat().st_size / 2**20:.1f} MiB)"),
+        ("model", f"{meta['model']} (fingerprint {meta['model_fingerprint']})"),
+        ("sites", shown),
+        ("units", f"{meta['units']:,}"),
+        ("corpus", f"{meta['corpus']} (hash {meta.get('corpus_hash', 'not yet: unfinished')})"),
+        ("contexts", f"{meta['contexts'][0]}:{meta['contexts'][1]} of {meta['ctx_len']} tokens, {meta['contexts_done']} done"),
+        ("tokens seen", f"{meta['tokens_seen']:,}"),
+        ("complete", "yes" if meta["complete"] else "no: run the same build again to resume it"),
+        ("settings", f"k={meta['k']}, samples={meta['n_samples']}, threshold={meta['threshold']}, seed={meta['seed']}"),
+    ]
+    table = Table(title="index", title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, escape(str(value)))
+    _console().print(table)

@@ -1,0 +1,112 @@
+"""A unit card: what an index knows about one unit, and, for a neuron, what it writes.
+
+1. statistics and histogram, from the index;
+2. input tokens: the tokens the unit fires on, aggregated over its top examples and its stratified
+   samples (each (context, position) once), ranked by mean activation, with counts;
+3. output tokens (neurons only, given the model): the neuron's output weight column carried through
+   the final norm's elementwise weight (and, for families that normalise the MLP branch, the branch
+   norm's weight) to the unembedding. These are the tokens whose logits one unit of the neuron's
+   activation raises (promoted) or lowers (suppressed) most directly, ignoring the norms' scales.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.index.query import Histogram, Index, UnitInfo, UnitSummary
+from mechscope.models.norms import freeze_norm
+
+
+class InputToken(NamedTuple):
+    token_id: int
+    token: str | None
+    mean: float
+    """Mean activation of the unit on this token, over the examples and samples that hold it."""
+    max: float
+    count: int
+    """How many of the unit's top examples and samples sit on this token."""
+
+
+class OutputToken(NamedTuple):
+    token_id: int
+    token: str
+    weight: float
+    """Direct change of this token's logit per unit of activation (before the final norm's scale)."""
+
+
+class UnitCard(NamedTuple):
+    unit: UnitInfo
+    stats: UnitSummary
+    histogram: Histogram
+    input_tokens: list[InputToken]
+    promoted: list[OutputToken] | None
+    """Tokens the neuron raises most; None for non-neurons or without a model."""
+    suppressed: list[OutputToken] | None
+    """Tokens the neuron lowers most (most negative first)."""
+
+
+def unit_card(index: Index, unit: str | int | UnitInfo, model=None, n_tokens: int = 10, n_out: int = 10) -> UnitCard:
+    """Everything on one unit; output tokens when the unit is a neuron and `model` (or the index's model) is given."""
+    u = index.unit(unit)
+    model = model if model is not None else index.model
+    promoted = suppressed = None
+    if model is not None and u.site.endswith(".mlp.hook_post"):
+        promoted, suppressed = output_tokens(model, u.layer, u.index, n_out)
+    return UnitCard(u, index.stats(u), index.histogram(u), input_tokens(index, u, n_tokens), promoted, suppressed)
+
+
+def input_tokens(index: Index, unit: str | int | UnitInfo, n: int = 10) -> list[InputToken]:
+    """The tokens the unit fires on most: top examples and samples together, ranked by mean activation."""
+    seen: dict[tuple[int, int], tuple[int, float]] = {}
+    examples = index.top(unit, n=index.meta.get("k", 20)) + [e for s in index.samples(unit) for e in s.examples]
+    for ex in examples:
+        seen[(ex.ctx, ex.pos)] = (ex.token_id, ex.value)
+    values: dict[int, list[float]] = defaultdict(list)
+    for token_id, value in seen.values():
+        values[token_id].append(value)
+    ranked = sorted(values.items(), key=lambda kv: (-sum(kv[1]) / len(kv[1]), -len(kv[1]), kv[0]))[:n]
+    names = index.decode([t for t, _ in ranked]) or [None] * len(ranked)
+    return [InputToken(t, name, sum(v) / len(v), max(v), len(v)) for (t, v), name in zip(ranked, names, strict=True)]
+
+
+def neuron_output_weight(model, layer: int, neuron: int) -> Tensor:
+    """[d_model] what one unit of the neuron's activation adds through the MLP's output projection."""
+    module = model.block_module(layer, model.adapter.neurons)
+    if isinstance(module, nn.Linear):  # weight [d_model, d_mlp]
+        return module.weight[:, neuron]
+    return module.weight[neuron]  # GPT-2's Conv1D stores [d_mlp, d_model]
+
+
+def _elementwise(norm, direction: Tensor) -> Tensor:
+    """A direction through a norm's elementwise weight (centred first for LayerNorm), scale ignored."""
+    frozen = freeze_norm(norm, direction[None])
+    centred = direction - direction.mean() if frozen.centred else direction
+    return frozen.weight * centred
+
+
+@torch.no_grad()
+def output_direction(model, layer: int, neuron: int) -> Tensor:
+    """[d_vocab] the neuron's direct effect on each logit per unit of activation (norm scales ignored)."""
+    a = model.adapter
+    unembed = model.module(a.unembed).weight  # [d_vocab, d_model]
+    direction = neuron_output_weight(model, layer, neuron).to(unembed.dtype)
+    if a.branch_norms:  # the MLP's output is normalised before it joins the residual stream
+        direction = _elementwise(model.block_module(layer, a.mlp_out), direction)
+    direction = _elementwise(model.module(a.final_norm), direction)
+    return (unembed @ direction).float()
+
+
+def output_tokens(model, layer: int, neuron: int, n: int = 10) -> tuple[list[OutputToken], list[OutputToken]]:
+    """The n tokens the neuron promotes most and the n it suppresses most, through the unembedding."""
+    logits = output_direction(model, layer, neuron).cpu()
+    up, down = logits.topk(n), (-logits).topk(n)
+
+    def tokens(ids: Tensor, values: Tensor) -> list[OutputToken]:
+        names = model.to_str_tokens(ids)
+        return [OutputToken(int(i), name, float(v)) for i, name, v in zip(ids, names, values.tolist(), strict=True)]
+
+    return tokens(up.indices, up.values), tokens(down.indices, -down.values)

@@ -1,0 +1,268 @@
+"""Index results drawn: top examples and samples as token heatmaps, unit cards, histograms, a unit page.
+
+- terminal: `examples_text` (one line per example, the activating token underlined; tokens with no
+  stored activation keep the terminal's own colours), `strata_text`, `card_tables`, `histogram_text`;
+- PNG: `histogram_png`, counts on a log scale over the unit's non-empty bins;
+- HTML: `unit_page` writes one self-contained page (values on hover, every token escaped) through
+  `viz.report.write_report`; `histogram_figure` is its plotly histogram.
+
+Colours are the diverging scale of `viz.token_heatmap` (blue negative, red positive, white at 0),
+shared by every example of a unit: full colour at the unit's largest |activation| shown.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from mechscope.index.card import UnitCard
+from mechscope.index.query import Example, Histogram, Stratum
+from mechscope.index.stats import LOW_EXP, ZERO_BIN
+from mechscope.viz.report import save_png, table_html, write_report
+from mechscope.viz.token_heatmap import _hex, _ink, _visible, legend_text, value_rgb
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _shown(example: Example) -> list[str]:
+    """Each token of the window as drawn on one line: whitespace made visible, no line breaks."""
+    tokens = example.tokens or [f"<{i}>" for i in example.token_ids]
+    return [_visible(t).replace("\n", "") for t in tokens]
+
+
+def examples_vmax(examples: Sequence[Example]) -> float:
+    """The scale's end: the largest finite |activation| over the examples (1 if none)."""
+    values = [abs(float(v)) for ex in examples for v in [ex.value, *ex.acts.tolist()] if math.isfinite(v)]
+    return max(values, default=0.0) or 1.0
+
+
+# -- terminal -------------------------------------------------------------------------------------
+
+
+def example_line(example: Example, vmax: float, label: str | None = None) -> Text:
+    """`label value` then the window's tokens on coloured backgrounds; the example's own token underlined."""
+    out = Text(f"{label if label is not None else example.rank:>3} {example.value:>8.3f}  ", style="dim")
+    for p, piece, act in zip(example.positions, _shown(example), example.acts.tolist(), strict=True):
+        style = Style(bold=True, underline=True) if p == example.pos else Style()
+        if math.isfinite(act):
+            rgb = value_rgb(act, vmax)
+            style += Style(bgcolor=_hex(rgb), color=_ink(rgb))
+        out.append(piece, style=style)
+    return out
+
+
+def examples_text(examples: Sequence[Example], vmax: float | None = None, legend: bool = True) -> Text:
+    """Top examples, one line each, on one colour scale."""
+    vmax = examples_vmax(examples) if vmax is None else vmax
+    out = Text("\n").join(example_line(ex, vmax) for ex in examples)
+    if legend and examples:
+        out.append("\n")
+        out.append_text(legend_text(vmax))
+    return out
+
+
+def strata_text(strata: Sequence[Stratum], vmax: float | None = None) -> Text:
+    """Samples by activation range, highest range first, each range headed by its quantiles."""
+    vmax = examples_vmax([ex for s in strata for ex in s.examples]) if vmax is None else vmax
+    out = Text()
+    for s in reversed(strata):
+        if len(out):
+            out.append("\n")
+        out.append(f"{_range(s)}  ({_quantiles(s)})\n", style="bold")
+        out.append_text(Text("\n").join(example_line(ex, vmax, label="") for ex in s.examples))
+    return out
+
+
+def _range(s: Stratum) -> str:
+    return f"[{s.low:.3g}, {s.high:.3g})" if math.isfinite(s.high) else f"[{s.low:.3g}, ∞)"
+
+
+def _quantiles(s: Stratum) -> str:
+    return f"quantiles {100 * s.q_low:.2f}%–{100 * s.q_high:.2f}% of tokens"
+
+
+def card_tables(card: UnitCard) -> list[Table]:
+    """The card as rich tables: statistics, input tokens, and output tokens for a neuron."""
+    st = card.stats
+    stats = Table(title=f"unit {card.unit.name} ({card.unit.site}, #{card.unit.id})", title_justify="left")
+    for column in ("tokens", "mean", "std", "max", "density", "active"):
+        stats.add_column(column, justify="right")
+    stats.add_row(f"{st.tokens:,}", f"{st.mean:.4g}", f"{st.std:.4g}", f"{st.max:.4g}", f"{st.density:.2%}", f"{st.active:,}")
+    tables = [stats]
+    inputs = Table(title="input tokens it fires on (top examples and samples)", title_justify="left")
+    for column in ("token", "mean", "max", "count"):
+        inputs.add_column(column, justify="left" if column == "token" else "right")
+    for t in card.input_tokens:
+        inputs.add_row(_token_label(t.token, t.token_id), f"{t.mean:.4g}", f"{t.max:.4g}", str(t.count))
+    tables.append(inputs)
+    if card.promoted is not None:
+        out = Table(title="output tokens: direct logit effect per unit of activation", title_justify="left")
+        for column in ("promotes", "weight", "suppresses", "weight "):
+            out.add_column(column, justify="right" if column.startswith("weight") else "left")
+        for up, down in zip(card.promoted, card.suppressed, strict=True):
+            out.add_row(repr(up.token), f"{up.weight:+.3f}", repr(down.token), f"{down.weight:+.3f}")
+        tables.append(out)
+    return tables
+
+
+def _token_label(token: str | None, token_id: int) -> str:
+    return repr(token) if token is not None else f"<{token_id}>"
+
+
+def histogram_text(hist: Histogram, width: int = 64) -> Text:
+    """A one-line sparkline of log counts over the non-empty range, its ends labelled."""
+    if len(hist.counts) == 0:
+        return Text("(empty histogram)")
+    counts = hist.counts[:width] if len(hist.counts) <= width else _pool(hist.counts, width)
+    logs = np.log1p(counts.astype(np.float64))
+    top = logs.max() or 1.0
+    spark = "".join(
+        " " if c == 0 else _SPARK[min(len(_SPARK) - 1, int(v / top * len(_SPARK)))] for c, v in zip(counts, logs, strict=True)
+    )
+    return (
+        Text(f"{_edge(hist.edges[0])} ", style="dim") + Text(spark) + Text(f" {_edge(hist.edges[-1])}  (log counts)", style="dim")
+    )
+
+
+def _pool(counts: np.ndarray, width: int) -> np.ndarray:
+    groups = np.array_split(counts, width)
+    return np.array([g.sum() for g in groups])
+
+
+def _edge(x: float) -> str:
+    return ("-∞" if x < 0 else "∞") if not math.isfinite(x) else f"{x:.3g}"
+
+
+# -- histogram plots ------------------------------------------------------------------------------
+
+
+def _bin_labels(hist: Histogram) -> list[str]:
+    return [f"[{_edge(lo)}, {_edge(hi)})" for lo, hi in zip(hist.edges[:-1], hist.edges[1:], strict=True)]
+
+
+def histogram_figure(hist: Histogram, title: str = "activation histogram"):
+    """A plotly bar chart, one bar per bin (bins are log-spaced in |activation|), counts on a log axis."""
+    import plotly.graph_objects as go
+
+    total = max(int(hist.counts.sum()), 1)
+    labels = _bin_labels(hist)
+    hover = [f"{label}<br>{int(c):,} tokens ({c / total:.3%})" for label, c in zip(labels, hist.counts, strict=True)]
+    fig = go.Figure(go.Bar(x=labels, y=hist.counts, hovertext=hover, hoverinfo="text", marker_color="#b2182b"))
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "activation (bins log-spaced in magnitude)", "type": "category", "tickangle": -45},
+        yaxis={"title": "tokens", "type": "log"},
+        height=420,
+    )
+    return fig
+
+
+def histogram_png(hist: Histogram, path: str | Path, title: str = "activation histogram") -> Path:
+    """Save the histogram as a PNG: one bar per bin, counts on a log scale, octave edges labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(hist.counts)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * n + 2), 3.6))
+    ax.bar(np.arange(n) + 0.5, hist.counts, width=1.0, color="#b2182b", edgecolor="white", linewidth=0.3)
+    ax.set_yscale("log")
+    ticks = [i for i, edge in enumerate(hist.edges) if not math.isfinite(edge) or _power_of_two(abs(edge))]
+    ticks = [i for i in ticks if abs(hist.edges[i]) != 2.0**LOW_EXP][:: max(1, len(ticks) // 12)]
+    labels = [_edge(hist.edges[i]) for i in ticks]
+    if 0 <= ZERO_BIN - hist.first_bin < n:  # the bin of |x| < 2^LOW_EXP, labelled 0 at its middle
+        ticks, labels = [*ticks, ZERO_BIN - hist.first_bin + 0.5], [*labels, "0"]
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(bottom=0.5)
+    ax.set_xlim(0, max(n, 1))
+    ax.set_xlabel("activation (bins log-spaced in magnitude)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, parse_math=False)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.log2(x).is_integer()
+
+
+# -- HTML -----------------------------------------------------------------------------------------
+
+_PAGE_STYLE = (
+    "<style>"
+    ".ms-ex{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:0.9rem;line-height:1.8;"
+    "white-space:pre;overflow-x:auto;margin:0.1rem 0}"
+    ".ms-ex .meta{color:#888;display:inline-block;min-width:7.5rem}"
+    ".ms-ex .tok{padding:0.1rem 0;border-right:1px solid rgba(128,128,128,0.25)}"
+    ".ms-ex .at{outline:2px solid #1d1d1f;font-weight:700}"
+    "</style>"
+)
+
+
+def example_html(example: Example, vmax: float, label: str | None = None) -> str:
+    """One example as a line of token spans; hovering a token shows its position, text and activation."""
+    meta = html.escape(f"{label if label is not None else example.rank} · {example.value:.3f}")
+    spans = []
+    tokens = example.tokens or [f"<{i}>" for i in example.token_ids]
+    for p, token, piece, act in zip(example.positions, tokens, _shown(example), example.acts.tolist(), strict=True):
+        known = math.isfinite(act)
+        tip = html.escape(f"ctx {example.ctx} pos {p} {token!r} = " + (f"{act:.4g}" if known else "not stored"), quote=True)
+        style = f"background:{_hex(value_rgb(act, vmax))};color:{_ink(value_rgb(act, vmax))}" if known else ""
+        cls = "tok at" if p == example.pos else "tok"
+        spans.append(f"<span class='{cls}' style='{style}' title=\"{tip}\">{html.escape(piece)}</span>")
+    return f"<div class='ms-ex'><span class='meta'>{meta}</span>{''.join(spans)}</div>"
+
+
+def examples_html(examples: Sequence[Example], vmax: float | None = None) -> str:
+    vmax = examples_vmax(examples) if vmax is None else vmax
+    return _PAGE_STYLE + "".join(example_html(ex, vmax) for ex in examples)
+
+
+def strata_html(strata: Sequence[Stratum], vmax: float | None = None) -> str:
+    vmax = examples_vmax([ex for s in strata for ex in s.examples]) if vmax is None else vmax
+    parts = []
+    for s in reversed(strata):
+        parts.append(f"<h3>{html.escape(_range(s))} <small>{html.escape(_quantiles(s))}</small></h3>")
+        parts.extend(example_html(ex, vmax, label="") for ex in s.examples)
+    return _PAGE_STYLE + "".join(parts)
+
+
+def unit_page(
+    path: str | Path, card: UnitCard, examples: Sequence[Example], strata: Sequence[Stratum] = (), title: str | None = None
+) -> Path:
+    """Write a self-contained HTML page on one unit: its card, histogram, top examples and samples by range."""
+    st, u = card.stats, card.unit
+    stats = table_html(
+        ["unit", "site", "tokens", "mean", "std", "max", "density", "active"],
+        [[u.name, u.site, f"{st.tokens:,}", f"{st.mean:.4g}", f"{st.std:.4g}", f"{st.max:.4g}", f"{st.density:.2%}", st.active]],
+    )
+    vmax = examples_vmax([*examples, *(ex for s in strata for ex in s.examples)])
+    sections: list[tuple[str, object]] = [
+        ("Statistics", stats),
+        ("Histogram", histogram_figure(card.histogram, f"{u.name}: activation histogram")),
+        (f"Top {len(examples)} examples (the example's token outlined; hover for values)", examples_html(examples, vmax)),
+    ]
+    if strata:
+        sections.append(("Samples by activation range", strata_html(strata, vmax)))
+    inputs = [[_token_label(t.token, t.token_id), f"{t.mean:.4g}", f"{t.max:.4g}", t.count] for t in card.input_tokens]
+    sections.append(("Input tokens it fires on", table_html(["token", "mean", "max", "count"], inputs)))
+    if card.promoted is not None:
+        rows = [
+            [repr(a.token), f"{a.weight:+.3f}", repr(b.token), f"{b.weight:+.3f}"]
+            for a, b in zip(card.promoted, card.suppressed, strict=True)
+        ]
+        sections.append(
+            (
+                "Output tokens (direct logit effect per unit of activation)",
+                table_html(["promotes", "weight", "suppresses", "weight"], rows),
+            )
+        )
+    return write_report(path, title or f"Unit {u.name} · {u.site}", sections)

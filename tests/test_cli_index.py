@@ -1,0 +1,125 @@
+"""`mechscope index ...`: each command end to end on a small real index, and one-line errors for bad databases and units."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import duckdb
+import pytest
+from test_cli import run_main
+from test_index_query import small_index
+
+from mechscope import cli_index
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def db(smollm2, tmp_path_factory) -> str:
+    return small_index(smollm2, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(autouse=True)
+def shared_model(monkeypatch, smollm2):
+    """Every command gets the session's SmolLM2 instead of loading it again."""
+    real = cli_index._load
+    monkeypatch.setattr(cli_index, "_load", lambda spec: smollm2 if spec == "default" else real(spec))
+
+
+def test_show_prints_card_and_writes_files(monkeypatch, capsys, db, tmp_path):
+    html, png = tmp_path / "u.html", tmp_path / "u.png"
+    argv = ["index", "show", "5:10", "--db", db, "--n", "5", "--html", str(html), "--png", str(png)]
+    code, out, err = run_main(monkeypatch, capsys, *argv)
+    assert code == 0, err
+    for part in ("unit 5:10", "input tokens", "promotes", "top 5 examples", "samples by activation range", "quantiles"):
+        assert part in out
+    assert "Plotly" in html.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run_main(monkeypatch, capsys, "index", "show", "0:5", "--db", db, "--no-samples")
+    assert code == 0 and "top 20 examples" in out and "samples by activation range" not in out
+
+
+def test_search_rank_info(monkeypatch, capsys, db, smollm2):
+    code, out, _ = run_main(monkeypatch, capsys, "index", "search", " of the", "--db", db, "--n", "5")
+    assert code == 0 and "top examples sit on ' of the'" in out and re.search(r"│ [05]:\d+ ", out)
+    (the,) = smollm2.tokenizer(" the", add_special_tokens=False).input_ids
+    code, out, _ = run_main(monkeypatch, capsys, "index", "search", str(the), "--id", "--db", db, "--n", "3")
+    assert code == 0 and f"' the' (token ids [{the}])" in out and len(re.findall(r"│ [05]:\d+ ", out)) == 3
+    code, out, _ = run_main(monkeypatch, capsys, "index", "search", "zzzzzzzzqqqq", "--db", db)
+    assert code == 0 and "no unit has a top example there" in out
+    code, out, _ = run_main(monkeypatch, capsys, "index", "rank", "--by", "max", "--site", "0", "--n", "3", "--db", db)
+    assert code == 0 and "units by max" in out and len(re.findall(r"│ 0:\d+ ", out)) == 3
+    code, out, _ = run_main(monkeypatch, capsys, "index", "info", "--db", db, "--json")
+    meta = json.loads(out)
+    assert code == 0 and meta["complete"] and meta["units"] == 2 * 1536 and meta["tokens_seen"] == 16 * 124
+    code, out, _ = run_main(monkeypatch, capsys, "index", "info", "--db", db)
+    assert code == 0 and "SmolLM2-135M-Instruct" in out and "tokens seen" in out
+
+
+def test_build_shards_and_merge(monkeypatch, capsys, tmp_path):
+    common = ["--sites", "blocks.1.mlp.hook_post,blocks.2.hook_resid_post", "--ctx-len", "32", "--batch-size", "2", "--k", "4"]
+    for name, span in (("a", "0:2"), ("b", "2:4")):
+        argv = ["index", "build", *common, "--contexts", span, "--out", str(tmp_path / "shards" / f"{name}.duckdb")]
+        code, out, err = run_main(monkeypatch, capsys, *argv)
+        assert code == 0, err
+        assert f"{name}.duckdb" in out and "complete" in out
+    merged = tmp_path / "merged.duckdb"
+    argv = ["index", "merge", str(tmp_path / "shards" / "a.duckdb"), str(tmp_path / "shards" / "b.duckdb"), "--out", str(merged)]
+    code, out, _ = run_main(monkeypatch, capsys, *argv)
+    assert code == 0 and "merged 2 shards" in out
+    code, out, _ = run_main(monkeypatch, capsys, "index", "info", "--db", str(merged), "--json")
+    meta = json.loads(out)
+    assert meta["contexts"] == [0, 4] and meta["tokens_seen"] == 4 * 28 and meta["units"] == 1536 + 576
+    code, out, _ = run_main(monkeypatch, capsys, "index", "show", "blocks.2.hook_resid_post:3", "--db", str(merged), "--n", "2")
+    assert code == 0 and "unit blocks.2.hook_resid_post:3" in out and "promotes" not in out  # not a neuron
+
+
+def test_build_default_path(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_main(
+        monkeypatch, capsys, "index", "build", "--sites", "blocks.0.mlp.hook_post", "--tokens", "60", "--ctx-len", "30"
+    )
+    assert code == 0, err
+    assert (tmp_path / "cache" / "index" / "SmolLM2-135M-Instruct.duckdb").is_file()
+    code, out, _ = run_main(monkeypatch, capsys, "index", "rank", "--n", "2")
+    assert code == 0 and "units by density" in out
+
+
+def _tampered(db: str, folder) -> str:
+    other = folder / "other-model.duckdb"
+    shutil.copy(db, other)
+    con = duckdb.connect(str(other))
+    con.execute("UPDATE meta SET value = '\"feedfacefeedface\"' WHERE key = 'model_fingerprint'")
+    con.execute("UPDATE meta SET value = '\"OtherLM-1B\"' WHERE key = 'model'")
+    con.close()
+    return str(other)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "5:10", "--db", "{missing}"], "no index database at"),
+        (["info", "--db", "{missing}"], "no index database at"),
+        (["show", "5:10", "--db", "{garbage}"], "is not a readable mechscope index"),
+        (["rank", "--db", "{garbage}"], "is not a readable mechscope index"),
+        (["show", "5:10", "--db", "{other}"], "built for the model OtherLM-1B (fingerprint feedfacefeedface), not SmolLM2"),
+        (["search", " the", "--db", "{other}"], "built for the model OtherLM-1B"),
+        (["show", "twelve", "--db", "{db}"], "bad unit 'twelve'"),
+        (["show", "5:1536", "--db", "{db}"], "unit '5:1536' out of range: blocks.5.mlp.hook_post has units 0..1535"),
+        (["show", "7:3", "--db", "{db}"], "unit '7:3' is not in this index"),
+        (["rank", "--by", "median", "--db", "{db}"], "cannot rank by 'median'"),
+        (["search", "", "--db", "{db}"], "tokenises to nothing"),
+        (["build", "--contexts", "5", "--out", "{missing}"], "bad --contexts '5'"),
+        (["merge", "{db}", "--out", "{missing}"], "at least two index databases"),
+    ],
+)
+def test_bad_input_one_line(monkeypatch, capsys, db, tmp_path, argv, message):
+    garbage = tmp_path / "garbage.duckdb"
+    garbage.write_bytes(b"\x00not a database\xff" * 200)
+    paths = {"missing": str(tmp_path / "none.duckdb"), "garbage": str(garbage), "db": db}
+    if any("{other}" in a for a in argv):
+        paths["other"] = _tampered(db, tmp_path)
+    code, _, err = run_main(monkeypatch, capsys, "index", *(a.format(**paths) for a in argv))
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
