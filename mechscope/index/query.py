@@ -28,7 +28,6 @@ from mechscope.index.stats import LOW_EXP, N_STRATA, WINDOW_AFTER, WINDOW_BEFORE
 from mechscope.index.units import IndexedSite, parse_unit_id, unit_name
 
 RANK_BY = ("density", "max", "mean")
-_WINDOW_COLUMNS = ("window_acts", "window")  # the column holding each top example's activations around it
 
 
 class UnitInfo(NamedTuple):
@@ -139,8 +138,6 @@ class Index:
         rows = self.con.execute("SELECT site, layer, first_unit, width FROM sites ORDER BY first_unit").fetchall()
         self.sites = [IndexedSite(*row) for row in rows]
         self.ctx_len = int(self.meta["ctx_len"])
-        columns = {row[0] for row in self.con.execute("DESCRIBE top").fetchall()}
-        self._window = next((c for c in _WINDOW_COLUMNS if c in columns), None)
         self._decoded: dict[int, str] = {}
 
     def _check_model(self, model) -> None:
@@ -165,11 +162,6 @@ class Index:
     @property
     def n_units(self) -> int:
         return sum(s.width for s in self.sites)
-
-    @property
-    def has_windows(self) -> bool:
-        """Whether top examples carry the unit's activations around them (else only the token's own)."""
-        return self._window is not None
 
     # -- one unit ---------------------------------------------------------------------------------
 
@@ -198,24 +190,19 @@ class Index:
         """The unit's n largest activations, best first, each with the tokens and activations around it.
 
         The window spans WINDOW_BEFORE tokens before and WINDOW_AFTER after (within the context, start
-        token excluded); activations come from the stored window, NaN where the index has none.
+        token excluded); activations come from the stored window, NaN at positions never scored.
         """
         u = self.unit(unit)
-        window = f", {self._window}" if self._window else ""
         rows = self.con.execute(
-            f"SELECT rank, value, ctx, pos, token{window} FROM top WHERE unit = ? AND rank < ? ORDER BY rank", [u.id, n]
+            "SELECT rank, value, ctx, pos, token, window_acts FROM top WHERE unit = ? AND rank < ? ORDER BY rank", [u.id, n]
         ).fetchall()
         spans = [self._span(int(row[3])) for row in rows]
         texts = self._texts([int(row[2]) for row in rows], spans)
         out = []
         for row, span, ids in zip(rows, spans, texts, strict=True):
             rank, value, ctx, pos, token = int(row[0]), float(row[1]), int(row[2]), int(row[3]), int(row[4])
-            acts = np.full(len(span), np.nan, np.float32)
-            if self._window:
-                stored = np.frombuffer(row[5], dtype="<f2").astype(np.float32)  # positions pos-BEFORE .. pos+AFTER
-                acts[:] = stored[np.asarray(span) - pos + WINDOW_BEFORE]
-            else:
-                acts[span.index(pos)] = value
+            stored = np.frombuffer(row[5], dtype="<f2").astype(np.float32)  # positions pos-BEFORE .. pos+AFTER
+            acts = stored[np.asarray(span) - pos + WINDOW_BEFORE]
             out.append(Example(rank, value, ctx, pos, token, span, ids, self.decode(ids), acts))
         return out
 
@@ -354,7 +341,7 @@ class Index:
 
     def describe(self) -> dict:
         """The build's metadata (model, sites, corpus, tokens seen, ...), with the unit count."""
-        return {**self.meta, "units": self.n_units, "windows": self.has_windows}
+        return {**self.meta, "units": self.n_units}
 
 
 def time_top_query(db: Path | str, unit: str | int = 0, n: int = 20, repeats: int = 20, tokenizer=None) -> float:
