@@ -176,3 +176,18 @@ def smollm2() -> mechscope.Model:
 @pytest.fixture(scope="session")
 def prompts() -> tuple[str, ...]:
     return SMOLLM2_PROMPTS
+
+
+def index_for_another_model(db, folder):
+    """A copy of the index database `db` that claims to be built for another model (OtherLM-1B, fingerprint feedfacefeedface)."""
+    import shutil
+
+    import duckdb
+
+    other = folder / "other-model.duckdb"
+    shutil.copy(db, other)
+    con = duckdb.connect(str(other))
+    con.execute("UPDATE meta SET value = '\"feedfacefeedface\"' WHERE key = 'model_fingerprint'")
+    con.execute("UPDATE meta SET value = '\"OtherLM-1B\"' WHERE key = 'model'")
+    con.close()
+    return other

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
-import duckdb
 import pytest
+from conftest import index_for_another_model
 from test_cli import run_main
 from test_index_query import small_index
 
@@ -86,16 +85,6 @@ def test_build_default_path(monkeypatch, capsys, tmp_path):
     assert code == 0 and "units by density" in out
 
 
-def _tampered(db: str, folder) -> str:
-    other = folder / "other-model.duckdb"
-    shutil.copy(db, other)
-    con = duckdb.connect(str(other))
-    con.execute("UPDATE meta SET value = '\"feedfacefeedface\"' WHERE key = 'model_fingerprint'")
-    con.execute("UPDATE meta SET value = '\"OtherLM-1B\"' WHERE key = 'model'")
-    con.close()
-    return str(other)
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -135,7 +124,7 @@ def test_bad_input_one_line(monkeypatch, capsys, db, tmp_path, argv, message):
         "jsonl": str(jsonl),
     }
     if any("{other}" in a for a in argv):
-        paths["other"] = _tampered(db, tmp_path)
+        paths["other"] = str(index_for_another_model(db, tmp_path))
     code, _, err = run_main(monkeypatch, capsys, "index", *(a.format(**paths) for a in argv))
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -4,12 +4,12 @@ or against the tables read back with numpy; the unit card's output tokens agains
 from __future__ import annotations
 
 import functools
-import shutil
 
 import duckdb
 import numpy as np
 import pytest
 import torch
+from conftest import index_for_another_model
 
 from mechscope.errors import MechscopeError
 from mechscope.index.build import IndexSettings, build_index
@@ -180,16 +180,11 @@ def test_unit_names_and_errors(index):
 def test_bad_databases_one_line(smollm2, db, tmp_path):
     garbage = tmp_path / "garbage.duckdb"
     garbage.write_bytes(b"\x00not a database\xff" * 200)
-    other = tmp_path / "other.duckdb"
-    shutil.copy(db, other)
-    con = duckdb.connect(str(other))
-    con.execute("UPDATE meta SET value = '\"0123456789abcdef\"' WHERE key = 'model_fingerprint'")
-    con.execute("UPDATE meta SET value = '\"OtherLM-1B\"' WHERE key = 'model'")
-    con.close()
+    other = index_for_another_model(db, tmp_path)
     for path, message in [
         (tmp_path / "missing.duckdb", "no index database at"),
         (garbage, "is not a readable mechscope index"),
-        (other, "was built for the model OtherLM-1B (fingerprint 0123456789abcdef), not SmolLM2-135M-Instruct"),
+        (other, "was built for the model OtherLM-1B (fingerprint feedfacefeedface), not SmolLM2-135M-Instruct"),
     ]:
         with pytest.raises(MechscopeError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
             Index(path, model=smollm2)
