@@ -245,12 +245,12 @@ def patch(
         console.print(f"metric {result.metric}: clean {result.clean:.4f}, corrupted {result.corrupt:.4f}")
         title = f"{name}: share of the metric restored by patching each cell"
         console.print(viz.grid_table(title, [str(layer) for layer in result.layers], result.col_labels, result.grid))
-        sections.append((title, attr.patching_figure(result)))
+        sections.append((title, viz.patching_figure(result)))
         if name in estimates:
             console.print(
                 f"attribution patching vs activation patching on {name}: r = {attr.compare(estimates[name], result):.3f}"
             )
-            sections.append((f"{name}: attribution-patching estimate", attr.patching_figure(estimates[name])))
+            sections.append((f"{name}: attribution-patching estimate", viz.patching_figure(estimates[name])))
     if html:
         console.print(
             f"HTML report: {viz.write_report(html, f'Activation patching · {clean!r} vs {corrupt!r}', sections).resolve()}"

@@ -121,3 +121,14 @@ def test_unembed_of_the_last_block_is_the_models_logits(tiny):
     with torch.inference_mode():
         final = tiny.reference(ids).logits[0].softmax(-1)
     torch.testing.assert_close(lens.probs[-1], final[:, [3, 4]].to(lens.probs.dtype), rtol=1e-5, atol=1e-9)
+
+
+def test_lens_figure_shows_tokens_as_they_are(model):
+    """plotly reads tags in labels and hover text: a token like '<b' must come out escaped, not as markup."""
+    from mechscope.viz import lens_figure
+
+    lens = ms.logit_lens(model, "x <b>bold</b> & <br> y", [" <"], k=3)
+    heatmap = lens_figure(lens).data[0]
+    shown = " ".join([*heatmap.x, *(cell for row in heatmap.hovertext for cell in row)])
+    assert shown.count("<br>") == 2 * len(lens.rows) * len(lens.positions)  # the line breaks the figure puts in
+    assert "&lt;" in shown and "<" not in shown.replace("<br>", "") and ">" not in shown.replace("<br>", "")

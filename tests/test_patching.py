@@ -16,8 +16,8 @@ from mechscope.attribution.patching import (
     compare,
     patch_naive,
     patched_metric,
-    patching_figure,
 )
+from mechscope.viz import patching_figure
 
 CLEAN, CORRUPT, TARGET, VS = "The capital of France is", "The capital of Italy is", " Paris", " Rome"
 LAYERS = range(0, 30, 5)

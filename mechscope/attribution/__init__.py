@@ -19,7 +19,6 @@ from mechscope.attribution.patching import (
     compare,
     patch_naive,
     patched_metric,
-    patching_figure,
 )
 from mechscope.attribution.rankings import Rankings, rank_units, rankings_table
 from mechscope.attribution.units import Unit, parse_assignment, parse_unit, parse_units
@@ -42,7 +41,6 @@ __all__ = [
     "compare",
     "patch_naive",
     "patched_metric",
-    "patching_figure",
     "Generation",
     "Intervention",
     "InterventionResult",

@@ -2,6 +2,7 @@
 
 from mechscope.viz.grids import grid_table
 from mechscope.viz.lens_plots import lens_figure, lens_png, lens_table
+from mechscope.viz.patching_plots import patching_figure
 from mechscope.viz.report import table_html, write_report
 from mechscope.viz.token_heatmap import (
     attention_pattern_figure,
@@ -23,6 +24,7 @@ __all__ = [
     "lens_figure",
     "lens_png",
     "lens_table",
+    "patching_figure",
     "table_html",
     "write_report",
 ]

@@ -6,6 +6,7 @@ dark and light terminals), a plotly figure for HTML (top tokens on hover), and a
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.text import Text
 
 from mechscope.lens import LensResult
 from mechscope.viz.report import save_png
+from mechscope.viz.token_heatmap import _no_math
 
 FLOOR = 1e-10  # probabilities below this share the coldest colour
 
@@ -50,15 +52,23 @@ def lens_table(lens: LensResult, target: int = 0) -> Table:
     return table
 
 
+def _escaped(text: str) -> str:
+    """plotly reads tags and entities in labels and hover text: escape tokens so they show as they are."""
+    return html.escape(text)
+
+
 def lens_figure(lens: LensResult, target: int = 0):
     """A plotly heatmap; hovering a cell shows P(target), its rank and the top tokens there."""
     import plotly.graph_objects as go
 
+    name = _escaped(repr(lens.targets[target]))
     hover = [
         [
-            f"layer {row}, pos {pos} {lens.tokens[pos]!r}<br>P({lens.targets[target]!r}) = {lens.probs[r, c, target]:.3g}"
+            f"layer {row}, pos {pos} {_escaped(repr(lens.tokens[pos]))}<br>P({name}) = {lens.probs[r, c, target]:.3g}"
             f" (rank {int(lens.ranks[r, c, target])})<br>top: "
-            + ", ".join(f"{t!r} {p:.2f}" for t, p in zip(lens.top_tokens[r][c], lens.top_probs[r, c].tolist(), strict=True))
+            + ", ".join(
+                f"{_escaped(repr(t))} {p:.2f}" for t, p in zip(lens.top_tokens[r][c], lens.top_probs[r, c].tolist(), strict=True)
+            )
             for c, pos in enumerate(lens.positions)
         ]
         for r, row in enumerate(lens.rows)
@@ -66,7 +76,7 @@ def lens_figure(lens: LensResult, target: int = 0):
     fig = go.Figure(
         go.Heatmap(
             z=_log_probs(lens, target),
-            x=_column_labels(lens),
+            x=[_escaped(label) for label in _column_labels(lens)],
             y=lens.rows,
             hovertext=hover,
             hoverinfo="text",
@@ -77,7 +87,7 @@ def lens_figure(lens: LensResult, target: int = 0):
         )
     )
     fig.update_layout(
-        title=f"Logit lens: P({lens.targets[target]!r}) by layer and position",
+        title=f"Logit lens: P({name}) by layer and position",
         yaxis={"autorange": "reversed", "title": "layer (residual stream after it)", "type": "category"},
         xaxis={"title": "position", "type": "category"},
         height=max(400, 22 * len(lens.rows) + 150),
@@ -94,10 +104,10 @@ def lens_png(lens: LensResult, path: str | Path, target: int = 0) -> Path:
 
     fig, ax = plt.subplots(figsize=(2 + 1.1 * len(lens.positions), 1.5 + 0.25 * len(lens.rows)))
     image = ax.imshow(_log_probs(lens, target), aspect="auto", cmap="viridis", vmin=math.log10(FLOOR), vmax=0)
-    ax.set_xticks(range(len(lens.positions)), _column_labels(lens), rotation=45, ha="right")
+    ax.set_xticks(range(len(lens.positions)), [_no_math(label) for label in _column_labels(lens)], rotation=45, ha="right")
     ax.set_yticks(range(len(lens.rows)), lens.rows)
     ax.set_ylabel("layer (residual stream after it)")
-    ax.set_title(f"Logit lens: P({lens.targets[target]!r})")
+    ax.set_title(_no_math(f"Logit lens: P({lens.targets[target]!r})"))
     fig.colorbar(image, ax=ax, label="log10 P")
     fig.tight_layout()
     return save_png(fig, path)
