@@ -201,6 +201,7 @@ def test_card(index, smollm2):
     assert card.stats == index.stats("5:10") and card.histogram.counts.sum() == card.stats.tokens
     hf = smollm2.hf
     manual = hf.lm_head.weight @ (hf.model.norm.weight * hf.model.layers[5].mlp.down_proj.weight[:, 10])
+    manual = manual - manual.mean()  # centred: softmax ignores a shift shared by every logit
     assert [t.token_id for t in card.promoted] == manual.topk(10).indices.tolist()
     assert [t.token_id for t in card.suppressed] == (-manual).topk(10).indices.tolist()
     np.testing.assert_allclose([t.weight for t in card.promoted], manual.topk(10).values.numpy(), rtol=1e-5)
@@ -229,6 +230,8 @@ def test_output_tokens_of_other_families(tiny_model):
     torch.testing.assert_close(output_direction(tiny_model("gemma2"), 2, 5), manual.float())
     up, down = output_tokens(tiny_model("gemma2"), 2, 5, n=3)
     assert [t.token_id for t in up] == manual.topk(3).indices.tolist() and up[0].token.startswith("<")
+    centred = manual - manual.mean()  # a shift shared by every logit changes no probability
+    assert up[0].weight == pytest.approx(float(centred.max()), rel=1e-5) and down[0].weight == pytest.approx(float(centred.min()))
 
 
 def test_views(index, tmp_path):

@@ -35,7 +35,8 @@ class OutputToken(NamedTuple):
     token_id: int
     token: str
     weight: float
-    """Direct change of this token's logit per unit of activation (before the final norm's scale)."""
+    """Direct change of this token's logit per unit of activation (before the final norm's scale), less the mean
+    change over the vocabulary."""
 
 
 class UnitCard(NamedTuple):
@@ -101,8 +102,13 @@ def output_direction(model, layer: int, neuron: int) -> Tensor:
 
 
 def output_tokens(model, layer: int, neuron: int, n: int = 10) -> tuple[list[OutputToken], list[OutputToken]]:
-    """The n tokens the neuron promotes most and the n it suppresses most, through the unembedding."""
+    """The n tokens the neuron promotes most and the n it suppresses most, through the unembedding.
+
+    Effects are centred on their mean over the vocabulary: softmax ignores a shift shared by every
+    logit, so only the difference from the mean moves a token's probability.
+    """
     logits = output_direction(model, layer, neuron).cpu()
+    logits = logits - logits.mean()
     up, down = logits.topk(n), (-logits).topk(n)
 
     def tokens(ids: Tensor, values: Tensor) -> list[OutputToken]:

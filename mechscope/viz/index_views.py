@@ -103,7 +103,9 @@ def card_tables(card: UnitCard) -> list[Table]:
         inputs.add_row(_token_label(t.token, t.token_id), f"{t.mean:.4g}", f"{t.max:.4g}", str(t.count))
     tables.append(inputs)
     if card.promoted is not None:
-        out = Table(title="output tokens: direct logit effect per unit of activation", title_justify="left")
+        out = Table(
+            title="output tokens: direct logit effect per unit of activation, less its vocabulary mean", title_justify="left"
+        )
         for column in ("promotes", "weight", "suppresses", "weight "):
             out.add_column(column, justify="right" if column.startswith("weight") else "left")
         for up, down in zip(card.promoted, card.suppressed, strict=True):
@@ -261,7 +263,7 @@ def unit_page(
         ]
         sections.append(
             (
-                "Output tokens (direct logit effect per unit of activation)",
+                "Output tokens (direct logit effect per unit of activation, less its mean over the vocabulary)",
                 table_html(["promotes", "weight", "suppresses", "weight"], rows),
             )
         )
