@@ -143,9 +143,13 @@ def search(
     query = int(text) if token_id else text
     with index:
         hits = index.search(query, n)
-    ids = [query] if token_id else index.search_ids(text)
+        ids = [query] if token_id else index.search_ids(text)
+        seen = index.token_count(ids[-1])
     console = _console()
-    console.print(f"units whose top examples sit on {escape(repr(''.join(m.to_str_tokens(ids))))} (token ids {ids})")
+    shown = escape(repr("".join(m.to_str_tokens(ids))))
+    console.print(
+        f"units whose top examples sit on {shown} (token ids {ids}; the last occurs {seen:,} times in the indexed contexts)"
+    )
     if not hits:
         console.print("no unit has a top example there")
         return

@@ -44,7 +44,7 @@ def test_search_rank_info(monkeypatch, capsys, db, smollm2):
     assert code == 0 and "top examples sit on ' of the'" in out and re.search(r"│ [05]:\d+ ", out)
     (the,) = smollm2.tokenizer(" the", add_special_tokens=False).input_ids
     code, out, _ = run_main(monkeypatch, capsys, "index", "search", str(the), "--id", "--db", db, "--n", "3")
-    assert code == 0 and f"' the' (token ids [{the}])" in out and len(re.findall(r"│ [05]:\d+ ", out)) == 3
+    assert code == 0 and f"' the' (token ids [{the}];" in out and len(re.findall(r"│ [05]:\d+ ", out)) == 3
     code, out, _ = run_main(monkeypatch, capsys, "index", "search", "zzzzzzzzqqqq", "--db", db)
     assert code == 0 and "no unit has a top example there" in out
     code, out, _ = run_main(monkeypatch, capsys, "index", "rank", "--by", "max", "--site", "0", "--n", "3", "--db", db)

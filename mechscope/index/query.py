@@ -339,6 +339,10 @@ class Index:
             self._decoded[i] = text
         return [self._decoded[i] for i in ids]
 
+    def token_count(self, token_id: int) -> int:
+        """How often a token occurs in the stored contexts (scored positions or not)."""
+        return int(self.con.execute("SELECT count(*) FROM tokens WHERE token = ?", [int(token_id)]).fetchone()[0])
+
     def describe(self) -> dict:
         """The build's metadata (model, sites, corpus, tokens seen, ...), with the unit count."""
         return {**self.meta, "units": self.n_units}
