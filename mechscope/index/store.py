@@ -114,15 +114,16 @@ def _split(token: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
     return (token // ctx_len).astype(np.int32), (token % ctx_len).astype(np.int16)
 
 
-def _token_at(con: duckdb.DuckDBPyConnection, ctx: np.ndarray, pos: np.ndarray, ctx_len: int) -> np.ndarray:
-    """Token id at each (ctx, pos), read back from the `tokens` table."""
-    if len(ctx) == 0:
-        return np.zeros(0, np.int32)
-    lo, hi = int(ctx.min()), int(ctx.max())
-    got = con.execute("SELECT ctx, pos, token FROM tokens WHERE ctx BETWEEN ? AND ? ORDER BY ctx, pos", [lo, hi]).fetchnumpy()
-    table = np.full((hi - lo + 1) * ctx_len, -1, np.int32)
-    table[(got["ctx"].astype(np.int64) - lo) * ctx_len + got["pos"]] = got["token"]
-    return table[(ctx.astype(np.int64) - lo) * ctx_len + pos]
+def _insert_with_tokens(con: duckdb.DuckDBPyConnection, table: str, rows: dict, columns: str) -> None:
+    """Insert `rows` (a dict of arrays) into `table`, looking up each (ctx, pos)'s token id in `tokens`.
+
+    DuckDB does the lookup as a join, which keeps memory bounded whatever the corpus size, and the
+    rows land sorted by unit, so a query for one unit reads only the blocks holding it.
+    """
+    new_rows = rows  # noqa: F841 (DuckDB reads local dicts of arrays by name)
+    con.execute(
+        f"INSERT INTO {table} SELECT {columns} FROM new_rows r JOIN tokens t ON t.ctx = r.ctx AND t.pos = r.pos ORDER BY r.unit"
+    )
 
 
 def write_stats(
@@ -155,30 +156,28 @@ def write_stats(
     held = stats.top_tokens.numpy() != NO_TOKEN
     u, r = np.nonzero(held)
     ctx, pos = _split(stats.top_tokens.numpy()[u, r], ctx_len)
-    top_rows = {  # noqa: F841
+    top_rows = {
         "unit": u.astype(np.int32),
         "rank": r.astype(np.int16),
         "value": top_values[u, r],
         "ctx": ctx,
         "pos": pos,
-        "token": _token_at(con, ctx, pos, ctx_len),
         "window_acts": _blobs(stats.top_windows.numpy()[u, r]),
     }
-    con.execute("INSERT INTO top SELECT * FROM top_rows")
+    _insert_with_tokens(con, "top", top_rows, "r.unit, r.rank, r.value, r.ctx, r.pos, t.token, r.window_acts")
 
     held = stats.sample_tokens.numpy() != NO_TOKEN
     u, s, slot = np.nonzero(held)
     ctx, pos = _split(stats.sample_tokens.numpy()[u, s, slot], ctx_len)
-    sample_rows = {  # noqa: F841
+    sample_rows = {
         "unit": u.astype(np.int32),
         "stratum": s.astype(np.int16),
         "slot": slot.astype(np.int16),
         "value": stats.sample_values.numpy()[u, s, slot],
         "ctx": ctx,
         "pos": pos,
-        "token": _token_at(con, ctx, pos, ctx_len),
     }
-    con.execute("INSERT INTO samples SELECT * FROM sample_rows")
+    _insert_with_tokens(con, "samples", sample_rows, "r.unit, r.stratum, r.slot, r.value, r.ctx, r.pos, t.token")
 
     hist = stats.hist.numpy()
     u, b = np.nonzero(hist)
