@@ -134,12 +134,12 @@ def test_empty_parquet(tmp_path):
 
 def test_empty_folder(tmp_path):
     (tmp_path / "notes.md").write_text("hello")
-    fails(str(tmp_path), tmp_path)
+    assert "holds no .txt" in fails(str(tmp_path), tmp_path)
 
 
 def test_txt_not_utf8(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    fails("latin1.txt", tmp_path / "latin1.txt")
+    assert "is not UTF-8 text" in fails("latin1.txt", tmp_path / "latin1.txt")
 
 
 def test_jsonl_line_that_is_not_json(tmp_path):
@@ -161,7 +161,7 @@ def test_jsonl_without_the_field_fails_when_the_corpus_is_made(tmp_path):
 
 @pytest.mark.parametrize("record, bad", [([1, 2], "list"), ({"text": 3}, "int"), ({}, "no fields")])
 def test_jsonl_record_without_text(tmp_path, record, bad):
-    fails(bad, write_jsonl(tmp_path / "notes.jsonl", [record]))
+    assert "line 1" in fails(bad, write_jsonl(tmp_path / "notes.jsonl", [record]))
 
 
 def test_parquet_without_the_column(tmp_path):
@@ -173,7 +173,7 @@ def test_parquet_without_the_column(tmp_path):
 
 def test_not_a_parquet_file(tmp_path):
     (tmp_path / "fake.parquet").write_text("hello")
-    fails("fake.parquet", tmp_path / "fake.parquet")
+    assert "as parquet" in fails("fake.parquet", tmp_path / "fake.parquet")
 
 
 # ---- HuggingFace datasets
