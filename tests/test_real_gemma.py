@@ -34,3 +34,21 @@ def test_rewriting_resid_mid_with_itself_changes_nothing(gemma):
     same = gemma.run(ids, write={"blocks.5.hook_resid_mid": ms.replace(clean.cache["blocks.5.hook_resid_mid"])})
     torch.testing.assert_close(same.logits, clean.logits, rtol=0, atol=1e-5)
     assert ms.predict(gemma, "The capital of France is", k=3).top[0].id == int(clean.logits[0, -1].argmax())
+
+
+def test_index_of_gemma_neurons_matches_the_model(gemma, tmp_path):
+    """Gemma adds BOS: contexts open with it, and the stored top values are the model's own activations."""
+    from mechscope.index import Index, IndexSettings, build_index
+
+    settings = IndexSettings(tokens=2048, ctx_len=64)
+    db = build_index(gemma, tmp_path / "gemma.duckdb", sites=["blocks.5.mlp.hook_post"], settings=settings, progress=False)
+    with Index(db, model=gemma) as index:
+        tokens = index.con.execute("SELECT token FROM tokens ORDER BY ctx, pos").fetchnumpy()["token"]
+        ids = torch.from_numpy(tokens.astype("int64")).view(-1, 64)
+        assert (ids[:, 0] == gemma.tokenizer.bos_token_id).all()
+        acts = gemma.run(ids, read=["blocks.5.mlp.hook_post"], logits=False).cache["blocks.5.mlp.hook_post"]
+        for name in ("5:0", "5:1000", "5:2047"):
+            examples = index.top(name, 5)
+            neuron = int(name.split(":")[1])
+            best = acts[:, settings.skip :, neuron].flatten().topk(5).values
+            torch.testing.assert_close(torch.tensor([ex.value for ex in examples]), best, rtol=0, atol=1e-4)
