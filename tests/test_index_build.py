@@ -151,3 +151,25 @@ def test_bad_databases_and_settings(smollm2, whole, tmp_path):
         build_index(smollm2, tmp_path / "p.duckdb", sites=["blocks.0.attn.hook_pattern"], progress=False)
     with pytest.raises(MechscopeError, match="unknown site"):
         build_index(smollm2, tmp_path / "p.duckdb", sites=["blocks.0.mlp.hook_postt"], progress=False)
+
+
+def test_a_database_in_use_says_so(whole, tmp_path):
+    copy = tmp_path / "busy.duckdb"
+    shutil.copy(whole, copy)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(copy)!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MechscopeError, match="in use by another process") as err:
+            store.open_index(copy)
+        assert "\n" not in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()

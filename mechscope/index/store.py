@@ -62,8 +62,14 @@ def open_index(path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConne
     try:
         con = duckdb.connect(str(path), read_only=read_only)
         fmt = con.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    except duckdb.IOException as err:
+        if "lock" in str(err).lower():
+            raise MechscopeError(
+                f"{str(path)!r} is in use by another process (a build still running?): wait for it, or work on a copy"
+            ) from None
+        raise MechscopeError(f"{str(path)!r} is not a readable mechscope index ({_first_line(err)}): {_REBUILD}") from None
     except duckdb.Error as err:
-        reason = str(err).splitlines()[0][:120]
+        reason = _first_line(err)
         raise MechscopeError(
             f"{str(path)!r} is not a readable mechscope index ({reason}): rebuild it with `mechscope index build`"
         ) from None
@@ -72,6 +78,10 @@ def open_index(path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConne
             f"{str(path)!r} is not a mechscope index of format {FORMAT}: rebuild it with `mechscope index build`"
         )
     return con
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:120]
 
 
 def read_meta(con: duckdb.DuckDBPyConnection) -> dict:
