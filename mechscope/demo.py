@@ -52,6 +52,9 @@ def demo_index(model, console: Console) -> Path:
     """The model's default index: used as it is when complete, finished when interrupted, else built small."""
     path = default_index_path(model.name)
     settings = IndexSettings(tokens=DEMO_TOKENS)
+    if path.exists() and store.stored_format(path) != store.FORMAT:  # from an older mechscope: keep it aside
+        path.replace(path.with_name(path.name + ".old"))
+        console.print(f"the index at {path} has an older format: moved it to {path.name}.old")
     if path.exists():
         with closing(store.open_index(path)) as con:
             meta = store.read_meta(con)

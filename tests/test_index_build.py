@@ -173,3 +173,14 @@ def test_a_database_in_use_says_so(whole, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_index_of_an_older_format_is_named_as_such(whole, tmp_path):
+    old = tmp_path / "old.duckdb"
+    shutil.copy(whole, old)
+    with duckdb.connect(str(old)) as con:
+        con.execute("""UPDATE meta SET value = '"mechscope-index/1"' WHERE key = 'format'""")
+    assert store.stored_format(old) == "mechscope-index/1" and store.stored_format(whole) == store.FORMAT
+    with pytest.raises(MechscopeError, match=f"is not a mechscope index of format {store.FORMAT}: rebuild it"):
+        store.open_index(old)
+    assert store.stored_format(tmp_path / "none.duckdb") is None

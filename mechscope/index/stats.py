@@ -17,9 +17,9 @@ counts and histograms by adding. So a resumed build equals an uninterrupted one,
 merged equal one build over both (sums agree to float64 rounding).
 
 Histogram bins are read straight off the float32 bit pattern: sign, exponent and the top two
-mantissa bits give 4 bins per octave, over |x| in [2^-10, 2^10) on each side, plus one bin for
-|x| < 2^-10 (values beyond 2^10 land in the outermost bins). One table lookup per value, no
-search, which keeps the whole update within a small fraction of the forward pass.
+mantissa bits give 4 bins per octave, over |x| in [2^-10, 2^16) on each side, plus one bin for
+|x| < 2^-10 (values beyond 2^16 land in the outermost bins). A few integer operations per value,
+no search, which keeps the whole update within a small fraction of the forward pass.
 
 Shapes: U units, N tokens in a batch, D units in one site, K top examples, S strata, R samples.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-LOW_EXP, HIGH_EXP, PER_OCTAVE = -10, 10, 4
+LOW_EXP, HIGH_EXP, PER_OCTAVE = -10, 16, 4  # |x| from ~1e-3 to 65536: neurons, and residual streams' massive activations
 SIDE = (HIGH_EXP - LOW_EXP) * PER_OCTAVE  # bins on each side of zero
 N_BINS = 2 * SIDE + 1
 ZERO_BIN = SIDE

@@ -30,7 +30,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.index.stats import NO_TOKEN, WINDOW, UnitStats
 
-FORMAT = "mechscope-index/1"
+FORMAT = "mechscope-index/2"  # 2: histogram and strata reach 2^16
 _REBUILD = "rebuild it with `mechscope index build`"
 
 SCHEMA = """
@@ -74,10 +74,21 @@ def open_index(path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConne
             f"{str(path)!r} is not a readable mechscope index ({reason}): rebuild it with `mechscope index build`"
         ) from None
     if fmt is None or json.loads(fmt[0]) != FORMAT:
+        con.close()
         raise MechscopeError(
             f"{str(path)!r} is not a mechscope index of format {FORMAT}: rebuild it with `mechscope index build`"
         )
     return con
+
+
+def stored_format(path: Path | str) -> str | None:
+    """The index format a database file says it has (None if it is not an index at all)."""
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            row = con.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    except duckdb.Error:
+        return None
+    return json.loads(row[0]) if row else None
 
 
 def _first_line(err: Exception) -> str:
