@@ -129,13 +129,13 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     header = ["unit", f"P({target!r})", "zero-ablated", "doubled"]
     console.print(_table("what the top three units do", header, effects))
 
-    top_neuron = next(name for name in pushers if ":" in name) if any(":" in n for n in pushers) else "29:288"
+    neurons = [name for name, value in attribution.top(200) if value > 0 and ":" in name][:3]
+    top_neuron = neurons[0] if neurons else "29:288"
     layer, index = map(int, top_neuron.split(":"))
     values = [neuron_activations(model, t, layer, index) for t in HEATMAP_TEXTS]
     console.print(viz.token_heatmap_text(values))
     console.print(viz.token_stats_table(values, title=values[0].label))
 
-    neurons = [name for name, value in attribution.top(200) if value > 0 and ":" in name][:3]
     console.print(f"\n[bold]where the neurons behind {target!r} fire most[/] (max-activating index)")
     examples = index_sections(model, console, neurons)
 

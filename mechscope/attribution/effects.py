@@ -95,8 +95,6 @@ def intervene(
     if k < 1:
         raise MechscopeError(f"k={k} is invalid: k must be at least 1")
     ids = one_sequence(model, text)
-    if isinstance(interventions, Intervention):
-        interventions = [interventions]
     resolved = resolve(model, interventions, ids)
     tids = target_ids(model, targets)
     make_write = lambda: writes(model, resolved, ids)
@@ -144,8 +142,6 @@ def generate(
     if max_new_tokens < 1:
         raise MechscopeError(f"max_new_tokens={max_new_tokens} is invalid: generate at least 1 token")
     ids = one_sequence(model, text)
-    if isinstance(interventions, Intervention):
-        interventions = [interventions]
     resolved = resolve(model, interventions, ids)
     pad = model.config.pad_token_id
     if pad is None:

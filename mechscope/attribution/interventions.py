@@ -183,7 +183,7 @@ def unit_means(model: Model, units: Sequence[Unit], reference: Inputs) -> list[T
     return [(sums[u.site.name][u.index] / count).to(model.hf.dtype) for u in units]
 
 
-def resolve(model: Model, interventions: Iterable[Intervention], ids: Tensor | None = None) -> list[Intervention]:
+def resolve(model: Model, interventions: Intervention | Iterable[Intervention], ids: Tensor | None = None) -> list[Intervention]:
     """Check every intervention against the model and the prompt `ids` ([1, pos]), parse its units, and
     compute the means of mean ablations. One-line error on the first bad one."""
     if isinstance(interventions, Intervention):

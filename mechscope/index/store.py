@@ -126,11 +126,6 @@ def _blobs(rows: np.ndarray) -> np.ndarray:
     return np.array([row.tobytes() for row in rows], dtype=object)
 
 
-def unblob(blobs, width: int) -> np.ndarray:
-    """BLOBs of float16 rows back as a [n, width] float32 array."""
-    return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(-1, width).astype(np.float32)
-
-
 def _split(token: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
     return (token // ctx_len).astype(np.int32), (token % ctx_len).astype(np.int16)
 
