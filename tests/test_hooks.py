@@ -342,7 +342,7 @@ def test_pattern_reads(case):
         else:
             assert torch.equal(eager_reads[f"blocks.{L}.attn.hook_pattern"], eager[L]), L
     if case.name == "gemma2":  # the soft cap is on, and low enough to matter
-        assert model.config.attn_logit_softcapping == 2.0 and model.config._attn_implementation == "mechscope_eager"
+        assert model.config.attn_logit_softcapping == 2.0 and model.config._attn_implementation == "eager"
 
 
 def test_reads_change_nothing(case):

@@ -2,11 +2,13 @@
 
 Attention probabilities are not the output of any module: HF computes them inside an attention
 function chosen by `config._attn_implementation`. mechscope registers two such functions with
-transformers, `mechscope_sdpa` and `mechscope_eager`. While no pattern site of a layer is active they
-hand the call, unchanged, to the function the model used before (SDPA, or the family's own eager
-code), so an unhooked forward computes exactly what plain HF computes. While a pattern is read they
-also compute the probabilities explicitly and pass them to the hook, still returning the model's own
-kernel's output; while one is written they multiply the rewritten probabilities with the values.
+transformers, `mechscope_sdpa` and `mechscope_eager`, and routes a model through them only while some
+hook context reads or writes a pattern (`route`); the rest of the time the model runs under its own
+setting, untouched, so that every branch HF takes for that setting stays taken. While routed, a layer
+whose pattern is not hooked hands the call, unchanged, to the kernel the model used before (the
+family's own eager code for `eager`, SDPA for anything else). A layer whose pattern is read also has
+its probabilities computed explicitly and passed to the hook, still returning the model's own
+kernel's output; one whose pattern is written multiplies the rewritten probabilities with the values.
 """
 
 from __future__ import annotations
@@ -31,10 +33,25 @@ def _family_eager(module: nn.Module) -> Callable:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def _dense_mask(attention_mask, q_len: int, k_len: int, device) -> Tensor:
+    """The mask as a tensor the scores can take: bool (True = may attend) or additive floats.
+
+    None is SDPA's causal shortcut (the queries are the last q_len keys); a flex-attention `BlockMask`
+    is expanded from its own mask function.
+    """
+    if attention_mask is None:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    if isinstance(attention_mask, Tensor):
+        return attention_mask[..., :k_len]
+    from torch.nn.attention.flex_attention import create_mask
+
+    return create_mask(attention_mask.mask_mod, attention_mask.shape[0], 1, q_len, k_len, device=device)
+
+
 def _probs(
     query: Tensor,  # [batch, n_heads, q_pos, d_head]
     key: Tensor,  # [batch, n_heads, k_pos, d_head], already repeated for grouped-query attention
-    attention_mask: Tensor | None,
+    attention_mask,
     scaling: float | None = None,
     softcap: float | None = None,
     **kwargs,
@@ -46,13 +63,8 @@ def _probs(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    q_len, k_len = scores.shape[-2:]
-    if attention_mask is None:  # SDPA's causal shortcut: the queries are the last q_len keys
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask[..., :k_len]
+    mask = _dense_mask(attention_mask, *scores.shape[-2:], scores.device)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
@@ -73,24 +85,43 @@ def _dispatcher(base: Callable[[nn.Module], Callable]) -> Callable:
     return attention
 
 
+# The implementations routed with their own kernel and masks; any other goes through SDPA's.
+_KERNELS = ("eager", "sdpa", "flex_attention")
+
+
 @functools.cache
 def _register() -> None:
-    """Register mechscope's attention functions with transformers (once, when the first model is wrapped,
+    """Register mechscope's attention functions with transformers (once, when a pattern is first hooked,
     so that `import mechscope` does not pay for importing transformers' modelling code)."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register("mechscope_sdpa", _dispatcher(lambda module: sdpa_attention_forward))
-    AttentionInterface.register("mechscope_eager", _dispatcher(_family_eager))
-    AttentionMaskInterface.register("mechscope_sdpa", sdpa_mask)
-    AttentionMaskInterface.register("mechscope_eager", eager_mask)
+    for name in _KERNELS:
+        if name == "eager":
+            base = _family_eager
+        else:
+            kernel = ALL_ATTENTION_FUNCTIONS[name]
+            base = lambda module, kernel=kernel: kernel  # noqa: E731
+        AttentionInterface.register(f"mechscope_{name}", _dispatcher(base))
+        AttentionMaskInterface.register(f"mechscope_{name}", ALL_MASK_ATTENTION_FUNCTIONS[name])
 
 
-def install(hf_model) -> None:
-    """Route the model's attention through mechscope's dispatcher, keeping its own kernel as the base."""
-    _register()
+_ROUTED = {f"mechscope_{name}": name for name in _KERNELS}
+# HF model -> the attention implementation it had before `route` switched it to mechscope's
+_BEFORE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def route(hf_model, on: bool) -> None:
+    """Route the model's attention through mechscope's dispatcher (`on`), or give it back its own setting.
+
+    The own setting's kernel and masks stay the base (eager, SDPA or flex attention); any other
+    implementation is routed through SDPA's.
+    """
     current = hf_model.config._attn_implementation
-    if current and current.startswith("mechscope_"):
-        return
-    hf_model.set_attn_implementation("mechscope_eager" if current == "eager" else "mechscope_sdpa")
+    if on and current not in _ROUTED:
+        _register()
+        _BEFORE[hf_model] = current
+        hf_model.set_attn_implementation(f"mechscope_{current if current in _KERNELS else 'sdpa'}")
+    elif not on and current in _ROUTED:
+        hf_model.set_attn_implementation(_BEFORE.pop(hf_model, _ROUTED[current]))

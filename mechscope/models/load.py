@@ -98,10 +98,24 @@ def _from_folder(folder: Path | str, dtype, device, trust_remote_code: bool, nam
     return Model(hf, tokenizer, name=name)
 
 
+def _module_as(hf, dtype, device):
+    """An already-built HF model in `dtype` on `device`, computing what HF computes when it loads in `dtype`.
+
+    `Module.to(dtype)` would also cast the float32 buffers HF keeps in float32 whatever the model's
+    dtype (rotary frequencies), which changes the model's arithmetic; a model already in `dtype` is
+    left as it is, and one in another dtype is rebuilt in `dtype` by HF and given the same weights.
+    """
+    if dtype is not None and _dtype(dtype) != hf.dtype:
+        rebuilt = type(hf)._from_config(hf.config, dtype=_dtype(dtype))
+        rebuilt.load_state_dict(hf.state_dict())
+        hf = rebuilt.eval()
+    return hf.to(device)
+
+
 def load(
     spec=None,
     *,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     tokenizer=None,
     trust_remote_code: bool = False,
@@ -110,13 +124,14 @@ def load(
 
     `spec` is None or `"default"` (the embedded SmolLM2-135M-Instruct), a local HF folder, a
     `.gguf` file, a hub id (needs the hub), or an already-built HF model (pass `tokenizer` too).
+    `dtype` defaults to float32 for files and to the model's own dtype for an already-built model.
 
     >>> model = mechscope.load()              # embedded SmolLM2, float32 on the CPU
     >>> model = mechscope.load("./my-model")  # any local HF causal-LM folder
     """
-    torch_dtype = _dtype(dtype)
     if spec is not None and not isinstance(spec, str | Path):
-        return Model(spec.to(device=device, dtype=torch_dtype), tokenizer, name=type(spec).__name__)
+        return Model(_module_as(spec, dtype, device), tokenizer, name=type(spec).__name__)
+    torch_dtype = _dtype(dtype or "float32")
     _quiet_transformers()
     if spec is None or spec == "default":
         return _from_folder(converted_gguf(default_gguf()), torch_dtype, device, False, "SmolLM2-135M-Instruct")

@@ -16,6 +16,7 @@ from mechscope.models import attention
 from mechscope.models.adapters import adapter_for, get_module
 from mechscope.models.hooks import Edit, Hooks
 from mechscope.models.sites import Dims, Site, parse_site, site_names
+from mechscope.models.text import check_text
 
 Inputs = str | Sequence[str] | Tensor | Sequence[int]
 """Text, a batch of texts, or token ids ([pos] or [batch, pos])."""
@@ -42,7 +43,7 @@ class Model:
         self.name = name
         self.config = hf_model.config
         self.adapter = adapter_for(self.config.model_type)
-        attention.install(self.hf)
+        attention.route(self.hf, False)  # a copy made while routed gets its own setting back
         heads_in = _in_features(self.block_module(0, self.adapter.heads_out))
         self.dims = Dims(
             n_layers=len(self.module(self.adapter.blocks)),
@@ -110,7 +111,7 @@ class Model:
             ids = inputs if inputs.ndim == 2 else inputs.reshape(1, -1)
         elif len(inputs) and isinstance(inputs[0], str):
             for text in inputs:
-                if not text.strip():
+                if not check_text(text).strip():
                     raise MechscopeError("empty text: give at least one non-blank character")
             encoded = [self._need_tokenizer()(t).input_ids for t in inputs]
             if len({len(e) for e in encoded}) > 1:
@@ -137,7 +138,7 @@ class Model:
             if not 0 <= text < self.config.vocab_size:
                 raise MechscopeError(f"token id {text} out of range: valid ids are 0..{self.config.vocab_size - 1}")
             return [text]
-        ids = self._need_tokenizer()(text, add_special_tokens=False).input_ids
+        ids = self._need_tokenizer()(check_text(text, "target"), add_special_tokens=False).input_ids
         if not ids:
             raise MechscopeError(f"target {text!r} tokenises to nothing: give at least one character")
         return ids
