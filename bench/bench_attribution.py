@@ -237,13 +237,9 @@ def render(res: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def splice(existing: str, section: str) -> str:
-    """`existing` RESULTS.md text with its attribution section replaced by `section` (appended if absent)."""
-    if MARK_BEGIN in existing and MARK_END in existing:
-        head, rest = existing.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
-        return head + section + tail
-    return existing.rstrip("\n") + "\n\n" + section
+def splice(text: str, section: str) -> str:
+    """`text` with its attribution section replaced by `section` (appended when there is none)."""
+    return common.splice_section(text, section, MARK_BEGIN, MARK_END)
 
 
 def run_and_render(model) -> tuple[dict, str]:

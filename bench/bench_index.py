@@ -164,10 +164,7 @@ def render(res: dict, stamp: str) -> str:
 
 def splice(text: str, section: str) -> str:
     """`text` with its index section replaced by `section` (appended when there is none)."""
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        return head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    return text.rstrip("\n") + "\n\n" + section
+    return common.splice_section(text, section, MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:

@@ -27,6 +27,15 @@ LENS_K = 5
 N_LAYERS = 30  # SmolLM2-135M
 
 
+def splice_section(text: str, section: str, begin: str, end: str) -> str:
+    """`text` (RESULTS.md) with the part between the markers `begin` and `end` replaced by `section`, which
+    starts with `begin` and ends with `end` (appended when `text` has no such part)."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + section.rstrip("\n") + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + section
+
+
 def log(msg: str) -> None:
     """Progress, to stderr, with the time since the benchmark started."""
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)

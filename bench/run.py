@@ -10,10 +10,11 @@ Figures, all on the embedded SmolLM2-135M-Instruct (float32, CPU), each against 
 5. peak RSS of each operation in a fresh process                     vs plain HF doing the corresponding work
 A1-A3. attribution (direct logit attribution, activation / attribution patching): see bench_attribution.py
 I1-I3. the max-activating index (build throughput, its memory, query latency): see bench_index.py
+B1. prompts of different lengths in one call vs a loop over them: see bench_batch.py
 
 `bench/run.py --only attribution` runs only A1-A3 and replaces just the attribution section of RESULTS.md
 (between its two HTML-comment markers), keeping the other sections from the last full run; `--only index`
-does the same for I1-I3.
+and `--only batch` do the same for I1-I3 and B1.
 
 Correctness is checked on the way (reads equal HF's hidden states; the lens equals the hand-written one),
 so the comparisons cannot silently be of different work. Progress goes to stderr.
@@ -296,12 +297,15 @@ def _stamp(load_start: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--only", choices=["attribution", "index"], help="run only these figures; keep the rest of RESULTS.md")
+    parser.add_argument(
+        "--only", choices=["attribution", "index", "batch"], help="run only these figures; keep the rest of RESULTS.md"
+    )
     only = parser.parse_args().only
     t_start = time.perf_counter()
     load_start = common.load_average()
     log("loading mechscope and the default model (converts the GGUF once if the cache is cold)")
     import bench_attribution
+    import bench_batch
     import bench_index
     import bench_inprocess
     import bench_subprocess
@@ -322,6 +326,13 @@ def main() -> None:
         print(section.split("\n### ", 1)[0].strip())
         return
 
+    if only == "batch":
+        section = bench_batch.render(bench_batch.run(model), _stamp(load_start))
+        RESULTS.write_text(bench_batch.splice(RESULTS.read_text() if RESULTS.exists() else "", section))
+        log(f"updated the batch section of {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
+        print(section)
+        return
+
     if only == "index":
         del model  # the index figures run in fresh processes
         section = bench_index.render(bench_index.run(), _stamp(load_start))
@@ -332,6 +343,7 @@ def main() -> None:
 
     inproc = bench_inprocess.run(model)
     _, attribution = bench_attribution.run_and_render(model)
+    batch = bench_batch.render(bench_batch.run(model), _stamp(load_start))
     ids = common.batch_ids(model.tokenizer)
     del model
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,7 +353,7 @@ def main() -> None:
 
     index = bench_index.render(bench_index.run(), _stamp(load_start))
     text = render(info, inproc, sub, (load_start, common.load_average()), time.perf_counter() - t_start)
-    RESULTS.write_text(text + "\n" + attribution + "\n" + index)
+    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch)
     log(f"wrote {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
     table = text.split("## Results", 1)[1].split("## Details", 1)[0].strip()
     print(table)

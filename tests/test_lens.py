@@ -104,7 +104,6 @@ def test_logit_lens_applies_final_softcap():
         (lambda m: ms.predict(m, "word " * 9000), "longer than the model's context of 8192"),
         (lambda m: ms.logit_lens(m, PROMPT, [" x"], positions=[6]), "position 6 out of range"),
         (lambda m: ms.logit_lens(m, PROMPT, [" x"], positions=[-7]), "valid positions are 0..5"),
-        (lambda m: ms.predict(m, [PROMPT, PROMPT]), "batch of 2"),
         (lambda m: ms.predict(m, PROMPT, targets=[10**6]), "token id 1000000 out of range"),
     ],
 )

@@ -82,7 +82,9 @@ def test_several_texts_give_one_result_each(smollm2):
     tvs = neuron_activations(smollm2, texts, 3, 123)
     assert isinstance(tvs, list) and len(tvs) == 2
     for text, tv in zip(texts, tvs, strict=True):
-        assert tv.values.equal(neuron_activations(smollm2, text, 3, 123).values)
+        # One padded batch: the shorter text runs with an attention mask, through another SDPA path than
+        # alone, so float32 rounding differs (observed 3e-8 on values of 0.08)
+        torch.testing.assert_close(tv.values, neuron_activations(smollm2, text, 3, 123).values, rtol=1e-5, atol=1e-6)
         assert "".join(tv.tokens) == text
 
 

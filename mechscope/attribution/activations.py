@@ -1,7 +1,7 @@
 """What one unit does on a text, token by token: a neuron's activation, a head's output size, a direction's projection.
 
-Each function runs one forward pass per text that reads a single site, so the pass stops right
-after the layer it needs, and returns a `TokenValues` (the text's tokens, one value per token, a
+Each function runs one forward pass over all its texts (padded to one length) that reads a single
+site, so the pass stops right after the layer it needs, and returns a `TokenValues` (the text's tokens, one value per token, a
 label) for `mechscope.viz.token_heatmap` to colour.
 
 - `neuron_activations(model, text, layer, neuron)`: `blocks.L.mlp.hook_post[..., neuron]`, the
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
+from mechscope.lens.predict import split_inputs
 from mechscope.models import Inputs, Model
 
 HeadMeasure = Literal["z", "out"]
@@ -112,32 +113,27 @@ def _check_in(value, size: int, what: str, layer: int) -> int:
 # -- texts ----------------------------------------------------------------------------------------
 
 
-def _sequences(model: Model, text: Inputs) -> tuple[list[Tensor], bool]:
-    """Token ids [1, pos] of each text, and whether a single text was given."""
-    if isinstance(text, str):
-        return [model.to_ids(text)], True
-    if isinstance(text, Tensor):
-        if text.ndim == 1:
-            return [model.to_ids(text)], True
-        return [model.to_ids(row) for row in text], False
-    items = list(text)
-    if not items:
-        raise MechscopeError("no texts given: give at least one text")
-    if all(isinstance(t, str) for t in items):
-        return [model.to_ids(t) for t in items], False
-    if all(isinstance(t, int) for t in items):
-        return [model.to_ids(items)], True
-    return [model.to_ids(t) for t in items], False
+def _batch(model: Model, text: Inputs, site: str) -> tuple[list[Tensor], list[list[str]], bool]:
+    """One forward pass over every text (padded to one length): each text's value at `site` without its
+    padding ([pos, ...], or [q_pos, k_pos, ...] rows and columns for a pattern), its tokens, and whether
+    a single text was given."""
+    items, single = split_inputs(text)
+    tokens = model.encode(items)
+    with torch.no_grad():
+        value = model.run(tokens.ids, attention_mask=tokens.mask, read=[site]).cache[site]
+    values, token_strs = [], []
+    for i in range(len(items)):
+        cols = tokens.mask[i].nonzero()[:, 0]
+        row = value[i][:, cols][:, :, cols] if site.endswith("hook_pattern") else value[i][cols]
+        values.append(row)
+        token_strs.append(model.to_str_tokens(tokens.row(i)))
+    return values, token_strs, single
 
 
 def _per_text(model: Model, text: Inputs, site: str, value_fn, label: str):
-    ids_list, single = _sequences(model, text)
-    results = []
-    for ids in ids_list:
-        with torch.no_grad():
-            x = model.run(ids, read=[site]).cache[site][0]
-            values = value_fn(x).detach().float().cpu()
-        results.append(TokenValues(model.to_str_tokens(ids[0]), values, label))
+    values, token_strs, single = _batch(model, text, site)
+    with torch.no_grad():
+        results = [TokenValues(t, value_fn(x).detach().float().cpu(), label) for x, t in zip(values, token_strs, strict=True)]
     return results[0] if single else results
 
 
@@ -228,12 +224,9 @@ def attention_pattern(model: Model, text: Inputs, layer: int, head: int) -> Atte
     layer = _check_layer(model, layer)
     head = _check_in(head, model.dims.n_heads, "head", layer)
     site = f"blocks.{layer}.attn.hook_pattern"
-    ids_list, single = _sequences(model, text)
-    results = []
-    for ids in ids_list:
-        with torch.no_grad():
-            pattern = model.run(ids, read=[site]).cache[site][0, head].detach().float().cpu()
-        results.append(AttentionPattern(model.to_str_tokens(ids[0]), pattern, f"head {layer}.{head} attention"))
+    values, token_strs, single = _batch(model, text, site)
+    label = f"head {layer}.{head} attention"
+    results = [AttentionPattern(t, x[head].detach().float().cpu(), label) for x, t in zip(values, token_strs, strict=True)]
     return results[0] if single else results
 
 

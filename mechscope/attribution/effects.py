@@ -14,7 +14,16 @@ from torch import Tensor
 
 from mechscope.attribution.interventions import Intervention, resolve, writes
 from mechscope.errors import MechscopeError
-from mechscope.lens.predict import Prediction, TargetScore, TokenProb, one_sequence, target_ids
+from mechscope.lens.predict import (
+    Prediction,
+    as_targets,
+    continuation_logprob,
+    distribution,
+    one_sequence,
+    split_inputs,
+    target_ids,
+    target_score,
+)
 from mechscope.models import Inputs, Model
 
 # -- before and after ------------------------------------------------------------------------------
@@ -50,27 +59,17 @@ class InterventionResult(NamedTuple):
     """KL(before || after) of the next-token distributions, in nats."""
 
 
-def _prediction(model: Model, ids: Tensor, logprobs: Tensor, k: int, targets, tids, write) -> Prediction:
-    top = logprobs.topk(min(k, logprobs.numel()))
-    top_tokens = [
-        TokenProb(tok, int(i), float(lp.exp()), float(lp))
-        for tok, i, lp in zip(model.to_str_tokens(top.indices), top.indices, top.values, strict=True)
+def _prediction(model: Model, ids: Tensor, logprobs: Tensor, k: int, targets, tids, make_write) -> Prediction:
+    top, firsts = distribution(model, logprobs, k, tids)
+
+    def full(t: list[int]) -> float:
+        return continuation_logprob(model, ids, t, make_write() if make_write else None)
+
+    scores = [
+        target_score(model, target, t, first, rank, float(first) if len(t) == 1 else full(t))
+        for target, t, (first, rank) in zip(targets, tids, firsts, strict=True)
     ]
-    scores = []
-    for target, t in zip(targets, tids, strict=True):
-        first = logprobs[t[0]]
-        if len(t) == 1:
-            full = float(first)
-        else:
-            seq = torch.cat([ids[0], torch.tensor(t, device=ids.device)])
-            w = write() if write else None
-            lp = model.run(seq, write=w, logits=True).logits[0, ids.shape[1] - 1 : -1].float().log_softmax(-1)
-            full = float(lp.gather(-1, torch.tensor(t, device=ids.device)[:, None]).sum())
-        rank = int((logprobs > first).sum()) + 1
-        scores.append(
-            TargetScore(target, model.to_str_tokens(t[:1])[0], t[0], float(first.exp()), rank, float(first), full, len(t))
-        )
-    return Prediction(model.to_str_tokens(ids[0]), top_tokens, scores)
+    return Prediction(model.to_str_tokens(ids[0]), top, scores)
 
 
 def _delta(model: Model, tid: int, before: Tensor, after: Tensor) -> TokenDelta:
@@ -96,8 +95,9 @@ def intervene(
         raise MechscopeError(f"k={k} is invalid: k must be at least 1")
     ids = one_sequence(model, text)
     resolved = resolve(model, interventions, ids)
-    tids = target_ids(model, targets)
-    make_write = lambda: writes(model, resolved, ids)
+    targets = as_targets(targets)
+    tids = target_ids(model, targets, text)
+    make_write = lambda: writes(model, resolved, ids)  # a fresh dict per pass: its edits count positions
     before_lp = model.run(ids).logits[0, -1].float().log_softmax(-1)
     after_lp = model.run(ids, write=make_write(), logits=True).logits[0, -1].float().log_softmax(-1)
     before = _prediction(model, ids, before_lp, k, targets, tids, None)
@@ -129,29 +129,60 @@ def _decode(model: Model, ids: list[int]) -> str:
     return model.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _eos_ids(model: Model) -> set[int]:
+    eos = model.hf.generation_config.eos_token_id if model.hf.generation_config else None
+    eos = model.config.eos_token_id if eos is None else eos
+    return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+
+
+def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """New tokens up to and including the first end-of-sequence token (a batch pads finished rows after it)."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _greedy(model: Model, prompts: list, interventions: list[Intervention] | None, max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens of each prompt, as one left-padded batch, under `interventions` (None: none)."""
+    tokens = model.encode(prompts, side="left")
+    kwargs = dict(
+        attention_mask=tokens.mask.long(), max_new_tokens=max_new_tokens, do_sample=False,
+        num_beams=1, pad_token_id=model.pad_id, temperature=None, top_p=None, top_k=None,
+    )  # fmt: skip
+    with model.hooks(write=writes(model, interventions) if interventions else None):
+        out = model.hf.generate(tokens.ids, **kwargs)[:, tokens.ids.shape[1] :].tolist()
+    return [_until_eos(row, _eos_ids(model)) for row in out]
+
+
+def _depends_on_prompt(iv: Intervention) -> bool:
+    """Whether an intervention means something different for each prompt (positions, or the prompt's own mean)."""
+    return iv.positions is not None or (iv.op == "mean" and iv.reference is None and iv.means is None)
+
+
 @torch.inference_mode()
 def generate(
     model: Model, text: Inputs, interventions: Intervention | Iterable[Intervention], max_new_tokens: int = 30
-) -> Generation:
+) -> Generation | list[Generation]:
     """Greedy continuations of `text` without and with `interventions`, which apply on every new token
     (or, with chosen positions, only at those prompt positions).
+
+    A list of prompts (of any lengths) gives one `Generation` per prompt, equal to generating from
+    each alone. They run as one left-padded batch; interventions that depend on the prompt (chosen
+    positions, or a mean over the prompt itself) run prompt by prompt.
 
     >>> g = generate(model, "The capital of France is", [Intervention.scale("20:1234", 10)])
     >>> g.before, g.after
     """
     if max_new_tokens < 1:
         raise MechscopeError(f"max_new_tokens={max_new_tokens} is invalid: generate at least 1 token")
-    ids = one_sequence(model, text)
-    resolved = resolve(model, interventions, ids)
-    pad = model.config.pad_token_id
-    if pad is None:
-        eos = model.config.eos_token_id
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    kwargs = dict(
-        attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-        num_beams=1, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-    )  # fmt: skip
-    plain = model.hf.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
-    with model.hooks(write=writes(model, resolved, ids)):
-        steered = model.hf.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
-    return Generation(_decode(model, plain), _decode(model, steered), plain, steered)
+    items, single = split_inputs(text)
+    model.encode(items)  # one-line errors for bad prompts before any work
+    interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    plain = _greedy(model, items, None, max_new_tokens)
+    if any(_depends_on_prompt(iv) for iv in interventions):
+        steered = [_greedy(model, [item], resolve(model, interventions, model.to_ids(item)), max_new_tokens)[0] for item in items]
+    else:
+        steered = _greedy(model, items, resolve(model, interventions), max_new_tokens)
+    results = [Generation(_decode(model, p), _decode(model, s), p, s) for p, s in zip(plain, steered, strict=True)]
+    return results[0] if single else results

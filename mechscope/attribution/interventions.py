@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mechscope.attribution.units import Unit, parse_assignment, parse_units
 from mechscope.errors import MechscopeError, one_of
-from mechscope.lens.predict import check_position
+from mechscope.lens.predict import check_position, split_inputs
 from mechscope.models import Edit, Inputs, Model
 from mechscope.models.sites import Site
 
@@ -165,21 +165,13 @@ def _values(iv: Intervention, n: int) -> tuple[float, ...]:
 
 def unit_means(model: Model, units: Sequence[Unit], reference: Inputs) -> list[Tensor]:
     """Each unit's mean activation over every position of `reference`: a text, token ids, or a list of texts (or of
-    id sequences) of any lengths."""
-    if isinstance(reference, str | Tensor) or not len(reference) or isinstance(reference[0], int):
-        batches = [reference]  # one text, or token ids
-    else:
-        batches = list(reference)  # several texts (or id sequences), run one at a time
+    id sequences) of any lengths, run as one padded batch whose padding is left out of the mean."""
+    items, _ = split_inputs(reference)
+    tokens = model.encode(items)
     sites = sorted({u.site.name for u in units})
-    sums: dict[str, Tensor] = {}
-    count = 0
-    for batch in batches:
-        cache = model.run(batch, read=sites).cache
-        for name in sites:
-            value = cache[name].double()
-            total = value.sum(dim=(0, 1))
-            sums[name] = total if name not in sums else sums[name] + total
-        count += cache[sites[0]].shape[0] * cache[sites[0]].shape[1]
+    cache = model.run(tokens.ids, attention_mask=tokens.mask, read=sites).cache
+    sums = {name: cache[name][tokens.mask].double().sum(0) for name in sites}  # padding is zero in the cache
+    count = int(tokens.mask.sum())
     return [(sums[u.site.name][u.index] / count).to(model.hf.dtype) for u in units]
 
 

@@ -17,6 +17,7 @@ from mechscope.models.adapters import adapter_for, get_module
 from mechscope.models.hooks import Edit, Hooks
 from mechscope.models.sites import Dims, Site, parse_site, site_names
 from mechscope.models.text import check_text
+from mechscope.models.tokens import Tokens, TokenText, continuation_ids, pad
 
 Inputs = str | Sequence[str] | Tensor | Sequence[int]
 """Text, a batch of texts, or token ids ([pos] or [batch, pos])."""
@@ -26,7 +27,9 @@ class RunOutput(NamedTuple):
     logits: Tensor | None
     """[batch, pos, d_vocab], or None when the forward pass stopped after the last read site."""
     cache: dict[str, Tensor]
-    """Site name -> value, for every site read."""
+    """Site name -> value, for every site read. Values at padding are zero."""
+    mask: Tensor | None = None
+    """[batch, pos] bool: True at real tokens, False at padding (inputs of different lengths)."""
 
 
 def _in_features(module) -> int:
@@ -42,6 +45,7 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name
         self.config = hf_model.config
+        self._token_text: TokenText | None = None
         self.adapter = adapter_for(self.config.model_type)
         attention.route(self.hf, False)  # a copy made while routed gets its own setting back
         heads_in = _in_features(self.block_module(0, self.adapter.heads_out))
@@ -103,45 +107,84 @@ class Model:
             raise MechscopeError(f"{self.name} has no tokenizer: pass token ids instead of text")
         return self.tokenizer
 
-    def to_ids(self, inputs: Inputs) -> Tensor:
-        """Token ids [batch, pos] on the model's device; text is tokenised as the model expects (BOS included)."""
+    @property
+    def pad_id(self) -> int:
+        """The id padding is filled with (any valid id: padding is masked out)."""
+        for value in (getattr(self.tokenizer, "pad_token_id", None), self.config.pad_token_id, self.config.eos_token_id):
+            value = value[0] if isinstance(value, list) else value
+            if value is not None:
+                return int(value)
+        return 0
+
+    def encode(self, inputs: Inputs, attention_mask: Tensor | None = None, side: str = "right") -> Tokens:
+        """Token ids and attention mask of text, texts, or token ids, padded to one length on `side`.
+
+        Texts are tokenised as the model expects (BOS included); texts and id sequences may differ in
+        length. Token ids [batch, pos] may come with their own `attention_mask` [batch, pos] (1 = real).
+
+        >>> t = model.encode(["The capital of France is", "Rome is"])
+        >>> t.ids.shape, t.lengths   # torch.Size([2, 5]), [5, 2]
+        """
         if isinstance(inputs, str):
             inputs = [inputs]
         if isinstance(inputs, Tensor):
             ids = inputs if inputs.ndim == 2 else inputs.reshape(1, -1)
-        elif len(inputs) and isinstance(inputs[0], str):
-            for text in inputs:
-                if not check_text(text).strip():
-                    raise MechscopeError("empty text: give at least one non-blank character")
-            encoded = [self._need_tokenizer()(t).input_ids for t in inputs]
-            if len({len(e) for e in encoded}) > 1:
-                raise MechscopeError(f"texts tokenise to different lengths {[len(e) for e in encoded]}: run them one at a time")
-            ids = torch.tensor(encoded)
+            if attention_mask is not None and attention_mask.shape != ids.shape:
+                raise MechscopeError(
+                    f"attention_mask of shape {list(attention_mask.shape)} does not match ids of shape {list(ids.shape)}"
+                )
+            mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            tokens = Tokens(ids.long(), mask.to(ids.device))
         else:
-            ids = torch.as_tensor(inputs).reshape(1, -1)
-        if ids.shape[-1] == 0:
+            if not len(inputs):
+                raise MechscopeError("no texts given: give at least one text")
+            if all(isinstance(t, int) for t in inputs):
+                inputs = [inputs]  # one sequence of token ids
+            if all(isinstance(t, str) for t in inputs):
+                for text in inputs:
+                    if not check_text(text).strip():
+                        raise MechscopeError("empty text: give at least one non-blank character")
+                tokenizer = self._need_tokenizer()
+                inputs = [tokenizer(t).input_ids for t in inputs]
+            tokens = pad(inputs, self.pad_id, side)
+        lengths = tokens.lengths
+        if min(lengths) == 0:
             raise MechscopeError("empty input: there are no tokens to run")
-        if ids.shape[-1] > self.n_ctx:
-            raise MechscopeError(f"input of {ids.shape[-1]} tokens is longer than the model's context of {self.n_ctx} tokens")
-        return ids.to(self.device)
+        if max(lengths) > self.n_ctx:
+            raise MechscopeError(f"input of {max(lengths)} tokens is longer than the model's context of {self.n_ctx} tokens")
+        return Tokens(tokens.ids.to(self.device), tokens.mask.to(self.device))
+
+    def to_ids(self, inputs: Inputs) -> Tensor:
+        """Token ids [batch, pos] on the model's device, for inputs of one length (see `encode` for any lengths)."""
+        tokens = self.encode(inputs)
+        if tokens.padded:
+            raise MechscopeError(
+                f"texts tokenise to different lengths {tokens.lengths}: use model.encode(texts) for padded ids with "
+                "a mask, or pass the texts themselves, which every function that takes a list accepts"
+            )
+        return tokens.ids
 
     def to_str_tokens(self, ids: Tensor | Sequence[int]) -> list[str]:
-        """Each token id as the text it stands for (`<id>` when the model has no tokenizer)."""
+        """Each token id as the text it stands for, leading space included (`<id>` when the model has no tokenizer)."""
         ids = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
         if self.tokenizer is None:
             return [f"<{i}>" for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        if self._token_text is None:
+            self._token_text = TokenText(self.tokenizer)
+        return self._token_text(ids)
 
-    def token_ids(self, text: str | int) -> list[int]:
-        """Token ids of a continuation (no BOS), or a single token id; one-line error if it gives no token."""
+    def token_ids(self, text: str | int, prompt: str | Tensor | None = None) -> list[int]:
+        """Token ids of a continuation of `prompt` (no BOS), or a single token id; one-line error if it gives no token.
+
+        A target string stands for the tokens it has after the prompt's text (`continuation_ids`), so
+        tokenizers that prepend `▁` to a text do not turn `" Paris"` into `['▁', '▁Paris']`.
+        """
         if isinstance(text, int):
             if not 0 <= text < self.config.vocab_size:
                 raise MechscopeError(f"token id {text} out of range: valid ids are 0..{self.config.vocab_size - 1}")
             return [text]
-        ids = self._need_tokenizer()(check_text(text, "target"), add_special_tokens=False).input_ids
-        if not ids:
-            raise MechscopeError(f"target {text!r} tokenises to nothing: give at least one character")
-        return ids
+        check_text(text, "target")
+        return continuation_ids(self._need_tokenizer(), text, prompt if isinstance(prompt, str) else None)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -159,26 +202,62 @@ class Model:
         logits: bool | None = None,
         grad: bool = False,
         last_only: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> RunOutput:
         """One forward pass that reads `read` and applies `write`.
 
         Logits are computed when asked, and by default whenever something is written or nothing is
-        read; otherwise the pass stops right after the last site read.
+        read; otherwise the pass stops right after the last site read. `last_only` keeps the logits of
+        each sequence's last real token only ([batch, 1, d_vocab]).
+
+        Texts (or id sequences) of different lengths run as one batch, padded on the right, where
+        causal attention keeps padding from reaching any real token; each sequence's values equal
+        those of running it alone. Token ids may come with their own `attention_mask` [batch, pos]:
+        padding anywhere else (on the left, as for generation) is masked out of attention and every
+        token gets its own position. Values at padding are zero in the cache, and `mask` says where
+        they are.
 
         >>> out = model.run("The reliability of Wikipedia is very", read=["blocks.3.hook_resid_post"])
         >>> out.cache["blocks.3.hook_resid_post"].shape   # [1, 7, 576]
         """
-        ids = self.to_ids(inputs)
+        tokens = self.encode(inputs, attention_mask)
         read = [read] if isinstance(read, str | Site) else list(read)
         want_logits = bool(write) or not read if logits is None else logits
-        with torch.set_grad_enabled(grad), self.hooks(read, write, stop_early=not want_logits) as hooks:
-            if want_logits:
-                return RunOutput(self.hf(ids, use_cache=False, logits_to_keep=int(last_only)).logits, hooks.cache)
-            self.hf(ids, use_cache=False, logits_to_keep=1)
-        return RunOutput(None, hooks.cache)
+        kwargs = {}
+        if not tokens.right_padded:  # right padding needs no mask: causal attention never looks ahead
+            kwargs = dict(attention_mask=tokens.mask.long(), position_ids=tokens.position_ids())
+        gather_last = want_logits and last_only and tokens.padded and bool((tokens.last() != tokens.ids.shape[1] - 1).any())
+        final = "ln_final.hook_normalized"
+        extra = [final] if gather_last and final not in read else []
+        with torch.set_grad_enabled(grad), self.hooks([*read, *extra], write, stop_early=not want_logits) as hooks:
+            out = self.hf(tokens.ids, use_cache=False, logits_to_keep=int(last_only) if want_logits else 1, **kwargs)
+        cache = hooks.cache
+        out_logits = out.logits if want_logits else None
+        if gather_last:  # each sequence's last real token, through the unembedding
+            rows = torch.arange(tokens.ids.shape[0], device=tokens.ids.device)
+            out_logits = self.unembed_normalized(cache[final][rows, tokens.last()])[:, None]
+            cache = {k: v for k, v in cache.items() if k not in extra}
+        if tokens.padded:
+            cache = {name: self._zero_padding(name, value, tokens.mask) for name, value in cache.items()}
+        return RunOutput(out_logits, cache, tokens.mask)
+
+    def _zero_padding(self, name: str, value: Tensor, mask: Tensor) -> Tensor:
+        """A site's value with every padded position (query or key, for patterns) set to zero."""
+        dims = self.dims.shape(self.site(name))
+        keep = torch.ones_like(value, dtype=torch.bool)
+        for axis, dim in enumerate(dims):
+            if dim in ("pos", "q_pos", "k_pos"):
+                shape = [1] * value.ndim
+                shape[0], shape[axis] = mask.shape[0], mask.shape[1]
+                keep = keep & mask.reshape(shape)
+        return value.masked_fill(~keep, 0)
 
     def unembed(self, resid: Tensor) -> Tensor:
         """Logits from residual-stream vectors [..., d_model], through the model's own final norm and unembedding."""
-        logits = self.module(self.adapter.unembed)(self.module(self.adapter.final_norm)(resid))
+        return self.unembed_normalized(self.module(self.adapter.final_norm)(resid))
+
+    def unembed_normalized(self, normalized: Tensor) -> Tensor:
+        """Logits from final-norm outputs [..., d_model] (`ln_final.hook_normalized`): the unembedding and any soft cap."""
+        logits = self.module(self.adapter.unembed)(normalized)
         cap = getattr(self.config, self.adapter.final_softcap, None) if self.adapter.final_softcap else None
         return torch.tanh(logits / cap) * cap if cap else logits
