@@ -14,6 +14,11 @@ Phases:
 The parts sum to the logit exactly, up to float rounding. It is the *direct* effect only: what a
 unit adds to the logit through the residual stream, not through later layers. Models with a final
 logit soft cap are attributed before the cap.
+
+Precision: the forward pass runs in the model's dtype; phases 2 and 3 (and the logit they explain)
+run in the wide dtype of `models.precision`, float32 for a float16 or bfloat16 model (float64 for a
+float64 one), on the forward's values and on widened copies of the weights they read. In a 16-bit
+model the parts then add up to the logit to within the rounding of the model's own residual stream.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
-from mechscope.lens.predict import check_position, one_sequence
+from mechscope.lens.predict import check_position, one_sequence, single_token
 from mechscope.models import Inputs, Model
 from mechscope.models.norms import freeze_norm
+from mechscope.models.precision import widen, widened
 
 
 class Attribution(NamedTuple):
@@ -34,13 +40,14 @@ class Attribution(NamedTuple):
     vs: str | int | None
     position: int
     logit: float
-    """The logit (or logit difference) explained, before any final soft cap."""
+    """The logit (or logit difference) explained, before any final soft cap: the model's final norm and
+    unembedding on its final residual stream, computed in the wide dtype (float32 for a 16-bit model)."""
     embed: float
     """Token (and position) embeddings."""
     heads: Tensor
-    """[n_layers, n_heads] each attention head's direct contribution."""
+    """[n_layers, n_heads] float32: each attention head's direct contribution."""
     neurons: Tensor
-    """[n_layers, d_mlp] each MLP neuron's direct contribution."""
+    """[n_layers, d_mlp] float32: each MLP neuron's direct contribution."""
     biases: float
     """Every bias: output projections, final norm and unembedding."""
 
@@ -61,7 +68,7 @@ def _flat(grid: Tensor) -> list[tuple[tuple[int, int], float]]:
 
 
 def _read_back(module, direction: Tensor, width: int) -> tuple[Tensor, float]:
-    """For a linear module y = W x + b: (W^T direction, b . direction)."""
+    """For a linear module (or function) y = W x + b: (W^T direction, b . direction), in direction's dtype."""
     x = torch.zeros(width, dtype=direction.dtype, device=direction.device, requires_grad=True)
     with torch.enable_grad():
         y = module(x)
@@ -80,8 +87,8 @@ def direct_logit_attribution(
     """
     ids = one_sequence(model, text)
     pos = check_position(position, ids.shape[1])
-    t = model.token_ids(target)[0]
-    v = None if vs is None else model.token_ids(vs)[0]
+    t = single_token(model, target, text)
+    v = None if vs is None else single_token(model, vs, text, "vs")
     if v == t:
         raise MechscopeError(f"--vs {vs!r} is the same token as the target {target!r}: choose a different token")
     d, a = model.dims, model.adapter
@@ -89,13 +96,14 @@ def direct_logit_attribution(
     embeds = ["hook_embed"] + (["hook_pos_embed"] if d.has_pos_embed else [])
     reads = embeds + [f"blocks.{layer}.{k}" for layer in range(d.n_layers) for k in ("attn.hook_z", "mlp.hook_post")]
     with torch.no_grad():
-        cache = {k: x[0, pos] for k, x in model.run(ids, read=[*reads, last]).cache.items()}
+        cache = {k: widen(x[0, pos]) for k, x in model.run(ids, read=[*reads, last]).cache.items()}
 
     unembed = model.module(a.unembed)
-    u = unembed.weight[t] - (unembed.weight[v] if v is not None else 0)
-    biases = 0.0
+    u = widen(unembed.weight[t]) - (widen(unembed.weight[v]) if v is not None else 0)
+    unembed_bias = 0.0
     if getattr(unembed, "bias", None) is not None:
-        biases += float(unembed.bias[t] - (unembed.bias[v] if v is not None else 0))
+        unembed_bias = float(widen(unembed.bias[t]) - (widen(unembed.bias[v]) if v is not None else 0))
+    biases = unembed_bias
     final = freeze_norm(model.module(a.final_norm), cache[last])
     g = final.transpose(u)
     biases += float(final.bias @ u)
@@ -107,7 +115,7 @@ def direct_logit_attribution(
             ("attn.hook_z", a.heads_out, a.attn_out, heads),
             ("mlp.hook_post", a.neurons, a.mlp_out, neurons),
         ):
-            module, acts = model.block_module(layer, path), cache[f"blocks.{layer}.{kind}"].flatten()
+            module, acts = widened(model.block_module(layer, path)), cache[f"blocks.{layer}.{kind}"].flatten()
             direction = g
             if a.branch_norms:  # the branch is normalised before it joins the residual stream
                 with torch.no_grad():
@@ -116,7 +124,6 @@ def direct_logit_attribution(
             grid[layer] = (acts * weights).reshape(grid.shape[1], -1).sum(-1).float()
             biases += bias
 
-    with torch.no_grad():  # the model's own logits, before any soft cap: what the parts must add up to
-        logits = unembed(model.module(a.final_norm)(cache[last]))
-    logit = float(logits[t] - (logits[v] if v is not None else 0))
+    with torch.no_grad():  # the model's own norm and unembedding, before any soft cap: what the parts must add up to
+        logit = float(widened(model.module(a.final_norm))(cache[last]) @ u) + unembed_bias
     return Attribution(target, vs, pos, logit, embed, heads, neurons, biases)

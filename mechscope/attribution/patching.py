@@ -13,6 +13,9 @@ Phases:
    turned into token ids; one clean forward reads every activation to be patched, one corrupted
    forward gives the corrupted metric. Results are reported raw (the metric of each patched run) and
    normalised, (patched - corrupted) / (clean - corrupted): 0 is no effect, 1 restores the clean run.
+   Every forward runs in the model's dtype and stops at the final norm's output; the metric unembeds
+   it in the wide dtype (float32 for a 16-bit model, `models.precision`) and computes in float64, so
+   a 16-bit model's metric is not rounded to its logits' precision (bfloat16: 0.125 at a logit of 20).
 2. Activation patching: for each site kind (`hook_resid_pre`, `hook_attn_out`, `hook_mlp_out` per
    layer x position; `attn.hook_z` per layer x head, all positions at once), the corrupted run with
    one clean activation patched in. The patched runs are batched: B copies of the corrupted ids run
@@ -33,12 +36,14 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError, one_of
-from mechscope.lens.predict import check_position, one_sequence
+from mechscope.lens.predict import check_position, one_sequence, single_token
 from mechscope.models import Inputs, Model
+from mechscope.models.precision import wide_unembed
 
 KINDS: tuple[str, ...] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z")
 """The site kinds that can be patched; all but `attn.hook_z` are patched per position."""
 METRICS: tuple[str, ...] = ("logit_diff", "prob")
+_FINAL = "ln_final.hook_normalized"
 
 
 class PatchingResult(NamedTuple):
@@ -72,7 +77,7 @@ class _Setup(NamedTuple):
     corrupt_ids: Tensor
     """[1, pos]"""
     metric: Callable[[Tensor], Tensor]
-    """Last-position logits [batch, d_vocab] -> metric [batch] (float32 or wider)."""
+    """Last-position final-norm outputs [batch, d_model] -> metric [batch] (float64)."""
     metric_name: str
     clean: float
     corrupt: float
@@ -83,28 +88,34 @@ class _Setup(NamedTuple):
 # -- phase 1: setup -----------------------------------------------------------------------------------
 
 
-def _metric_fn(model: Model, target: str | int, vs: str | int | None, metric: str | None):
+def _metric_fn(model: Model, target: str | int, vs: str | int | None, metric: str | None, prompt: Inputs | None = None):
     if metric is None:
         metric = "prob" if vs is None else "logit_diff"
     if metric not in METRICS:
         raise MechscopeError(f"unknown metric {metric!r}: valid metrics are {one_of(METRICS)}")
-    t = model.token_ids(target)[0]
+    t = single_token(model, target, prompt)
+    unembed = wide_unembed(model)  # final-norm outputs -> logits, in float32 or wider
     if metric == "prob":
         if vs is not None:
             raise MechscopeError(f"vs={vs!r} is given but metric 'prob' does not use it: use metric 'logit_diff' or drop vs")
-        return metric, lambda logits: logits.double().softmax(-1)[:, t]
+        return metric, lambda final: unembed(final).double().softmax(-1)[:, t]
     if vs is None:
         raise MechscopeError("metric 'logit_diff' needs a vs token: give vs, or use metric 'prob'")
-    v = model.token_ids(vs)[0]
+    v = single_token(model, vs, prompt, "vs")
     if v == t:
         raise MechscopeError(f"vs {vs!r} is the same token as the target {target!r} (id {t}): choose a different token")
-    return metric, lambda logits: logits[:, t].double() - logits[:, v].double()
+
+    def logit_diff(final: Tensor) -> Tensor:
+        logits = unembed(final)
+        return logits[:, t].double() - logits[:, v].double()
+
+    return metric, logit_diff
 
 
-def _final_logits(model: Model, ids: Tensor, write: Mapping | None = None) -> Tensor:
-    """Last-position logits [batch, d_vocab] of one forward with `write` applied."""
+def _final_normalized(model: Model, ids: Tensor, write: Mapping | None = None) -> Tensor:
+    """Last-position final-norm outputs [batch, d_model] (the model's dtype) of one forward with `write` applied."""
     with torch.inference_mode():
-        return model.run(ids, write=write, logits=True, last_only=True).logits[:, -1]
+        return model.run(ids, read=[_FINAL], write=write, logits=False).cache[_FINAL][:, -1]
 
 
 def _setup(model: Model, clean: Inputs, corrupt: Inputs, target: str | int, vs: str | int | None, metric: str | None) -> _Setup:
@@ -114,9 +125,9 @@ def _setup(model: Model, clean: Inputs, corrupt: Inputs, target: str | int, vs: 
             f"the clean prompt has {clean_ids.shape[1]} tokens and the corrupted prompt {corrupt_ids.shape[1]}: "
             "patching needs prompts of equal token length"
         )
-    name, fn = _metric_fn(model, target, vs, metric)
-    clean_value = float(fn(_final_logits(model, clean_ids))[0])
-    corrupt_value = float(fn(_final_logits(model, corrupt_ids))[0])
+    name, fn = _metric_fn(model, target, vs, metric, clean)
+    clean_value = float(fn(_final_normalized(model, clean_ids))[0])
+    corrupt_value = float(fn(_final_normalized(model, corrupt_ids))[0])
     if clean_value == corrupt_value:
         raise MechscopeError(
             f"the clean and corrupted prompts give the same {name} ({clean_value:.4g}): nothing to restore, "
@@ -189,7 +200,7 @@ def _patch_batch(model: Model, setup: _Setup, kind: str, clean: Mapping[str, Ten
         cols = torch.tensor([c for _, c in items], device=model.device)
         write[name] = _patch_into(clean[name], rows, cols, kind == "attn.hook_z")
     ids = setup.corrupt_ids.expand(len(patches), -1)
-    return setup.metric(_final_logits(model, ids, write))
+    return setup.metric(_final_normalized(model, ids, write))
 
 
 def _patch_one(model: Model, setup: _Setup, kind: str, clean: Mapping[str, Tensor], layer: int, col: int) -> Tensor:
@@ -204,7 +215,7 @@ def _patch_one(model: Model, setup: _Setup, kind: str, clean: Mapping[str, Tenso
             x[:, col] = clean[name][:, col]
         return x
 
-    return setup.metric(_final_logits(model, setup.corrupt_ids, {name: write}))
+    return setup.metric(_final_normalized(model, setup.corrupt_ids, {name: write}))
 
 
 def _activation_patching(model, clean, corrupt, target, vs, kinds, layers, positions, metric, batch_size, naive):
@@ -299,7 +310,7 @@ def patched_metric(
 
         return write
 
-    raw = float(setup.metric(_final_logits(model, setup.corrupt_ids, {s.name: patch(s.name) for s in sites}))[0])
+    raw = float(setup.metric(_final_normalized(model, setup.corrupt_ids, {s.name: patch(s.name) for s in sites}))[0])
     return raw, (raw - setup.corrupt) / (setup.clean - setup.corrupt)
 
 
@@ -334,8 +345,8 @@ def attribution_patching(
     def track(x: Tensor) -> Tensor:
         return x.detach().requires_grad_(True)
 
-    out = model.run(setup.corrupt_ids, read=names, write={"hook_embed": track}, logits=True, grad=True, last_only=True)
-    value = setup.metric(out.logits[:, -1])[0]
+    out = model.run(setup.corrupt_ids, read=[*names, _FINAL], write={"hook_embed": track}, logits=False, grad=True)
+    value = setup.metric(out.cache[_FINAL][:, -1])[0]
     grads = torch.autograd.grad(value, [out.cache[n] for n in names])
     corrupt_value = float(value.detach())
     grad_of = dict(zip(names, grads, strict=True))

@@ -19,6 +19,11 @@ Phases:
    different unit, through one write per site that indexes the batch dimension (`batch_size` bounds B).
    The prompt is cut after `position` for these runs: in a causal model later tokens cannot change it.
 4. Agreement: Spearman rank correlation of each pair of the three (signed) scores over the candidates.
+
+Precision: every forward (and the backward) runs in the model's dtype and stops at the final norm's
+output, which is unembedded in the wide dtype (float32 for a 16-bit model, `models.precision`);
+log p(target) and every score are float64, so the ablation effects of a float16 or bfloat16 model
+are not rounded to its logits' precision.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from torch import Tensor
 
 from mechscope.attribution.units import Unit
 from mechscope.errors import MechscopeError, one_of
-from mechscope.lens.predict import check_position, one_sequence
+from mechscope.lens.predict import check_position, one_sequence, single_token, split_inputs
 from mechscope.models import Inputs, Model
+from mechscope.models.precision import wide_unembed
 
 BASELINES: tuple[str, ...] = ("zero", "mean")
 METHODS: tuple[str, ...] = ("dla", "attribution", "real_effect")
 _KIND_SITE = {"neuron": "mlp.hook_post", "head": "attn.hook_z"}
+_FINAL = "ln_final.hook_normalized"
 
 
 class RankedUnit(NamedTuple):
@@ -133,7 +140,7 @@ def spearman(a: Tensor, b: Tensor) -> float:
 # -- phase 2: attribution patching --------------------------------------------------------------------
 
 
-def _attribution(model: Model, ids: Tensor, pos: int, t: int, baseline: str):
+def _attribution(model: Model, unembed, ids: Tensor, pos: int, t: int, baseline: str):
     """(log p, baselines by site, neuron scores [n_layers, d_mlp], head scores [n_layers, n_heads])."""
     names = _sites(model)
 
@@ -141,8 +148,8 @@ def _attribution(model: Model, ids: Tensor, pos: int, t: int, baseline: str):
     def track(x: Tensor) -> Tensor:
         return x.detach().requires_grad_(True)
 
-    out = model.run(ids, read=names, write={"hook_embed": track}, logits=True, grad=True)
-    value = _logprob(out.logits[:, pos], t)[0]
+    out = model.run(ids, read=[*names, _FINAL], write={"hook_embed": track}, logits=False, grad=True)
+    value = _logprob(unembed(out.cache[_FINAL][:, pos]), t)[0]
     grads = torch.autograd.grad(value, [out.cache[n] for n in names])
     d = model.dims
     neurons, heads = (
@@ -180,7 +187,14 @@ def _ablate(rows: Tensor, index: Tensor, values: Tensor):
     return write
 
 
-def _ablated_logprobs(model: Model, ids: Tensor, t: int, units: list[Unit], bases: dict[str, Tensor]) -> Tensor:
+def _final_logprob(model: Model, unembed, ids: Tensor, t: int, write=None) -> Tensor:
+    """log p(t) [batch] (float64) at the last position of `ids` [batch, pos], one forward with `write` applied."""
+    with torch.inference_mode():
+        final = model.run(ids, read=[_FINAL], write=write, logits=False).cache[_FINAL][:, -1]
+        return _logprob(unembed(final), t).cpu()
+
+
+def _ablated_logprobs(model: Model, unembed, ids: Tensor, t: int, units: list[Unit], bases: dict[str, Tensor]) -> Tensor:
     """log p(t) at the last position of `ids`, one batch element per unit, that unit ablated at every position."""
     by_site: dict[str, list[tuple[int, int]]] = {}
     for i, unit in enumerate(units):
@@ -190,9 +204,7 @@ def _ablated_logprobs(model: Model, ids: Tensor, t: int, units: list[Unit], base
         rows = torch.tensor([i for i, _ in items], device=model.device)
         index = torch.tensor([u for _, u in items], device=model.device)
         write[name] = _ablate(rows, index, bases[name].to(model.device)[index])
-    with torch.inference_mode():
-        logits = model.run(ids.expand(len(units), -1), write=write, logits=True, last_only=True).logits[:, -1]
-    return _logprob(logits, t).cpu()
+    return _final_logprob(model, unembed, ids.expand(len(units), -1), t, write)
 
 
 # -- the whole thing ----------------------------------------------------------------------------------
@@ -206,7 +218,7 @@ def rank_units(
     baseline: str = "zero",
     position: int = -1,
     batch_size: int = 64,
-) -> Rankings:
+) -> Rankings | list[Rankings]:
     """Score every neuron and head for log p(target) at `position` by DLA and attribution patching, and
     ablate the top candidates of each for real.
 
@@ -216,8 +228,14 @@ def rank_units(
     >>> r = mechscope.rank_units(model, "The reliability of Wikipedia is very", " questionable", top=8)
     >>> r.rows[0]                              # RankedUnit(unit='29:1085', kind='neuron', ...)
     >>> r.spearman["attribution", "real_effect"]
+
+    A list of texts (of any lengths) gives one `Rankings` per text, each ranked on its own.
     """
     from mechscope.attribution.dla import direct_logit_attribution
+
+    items, single = split_inputs(text)
+    if not single:
+        return [rank_units(model, item, target, top, baseline, position, batch_size) for item in items]
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise MechscopeError(f"top={top!r} is invalid: it must be an integer of at least 1")
@@ -227,20 +245,20 @@ def rank_units(
         raise MechscopeError(f"batch_size={batch_size!r} is invalid: it must be an integer of at least 1")
     ids = one_sequence(model, text)
     pos = check_position(position, ids.shape[1])
-    t = model.token_ids(target)[0]
+    t = single_token(model, target, text)
 
     # phase 1: direct logit attribution (of the logit)
     dla = direct_logit_attribution(model, ids, t, position=pos)
     # phase 2: attribution patching (of the log-probability)
-    logprob, bases, attr_neurons, attr_heads = _attribution(model, ids, pos, t, baseline)
+    unembed = wide_unembed(model)  # final-norm outputs -> logits, in float32 or wider
+    logprob, bases, attr_neurons, attr_heads = _attribution(model, unembed, ids, pos, t, baseline)
 
     # phase 3: the real effect of ablating each candidate, batch_size units per forward
     candidates = list(dict.fromkeys(_top_units(dla.neurons, dla.heads, top) + _top_units(attr_neurons, attr_heads, top)))
     prefix = ids[:, : pos + 1]
-    with torch.inference_mode():
-        clean = float(_logprob(model.run(prefix, logits=True, last_only=True).logits[:, -1], t)[0])
+    clean = float(_final_logprob(model, unembed, prefix, t)[0])
     chunks = [candidates[i : i + batch_size] for i in range(0, len(candidates), batch_size)]
-    ablated = torch.cat([_ablated_logprobs(model, prefix, t, chunk, bases) for chunk in chunks])
+    ablated = torch.cat([_ablated_logprobs(model, unembed, prefix, t, chunk, bases) for chunk in chunks])
     real = clean - ablated
 
     def score(grid_neurons: Tensor, grid_heads: Tensor, unit: Unit) -> float:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mechscope.index.query import Histogram, Index, UnitInfo, UnitSummary
 from mechscope.models.norms import freeze_norm
+from mechscope.models.precision import widen
 
 
 class InputToken(NamedTuple):
@@ -91,9 +92,12 @@ def _elementwise(norm, direction: Tensor) -> Tensor:
 
 @torch.no_grad()
 def output_direction(model, layer: int, neuron: int) -> Tensor:
-    """[d_vocab] the neuron's direct effect on each logit per unit of activation (norm scales ignored)."""
+    """[d_vocab] float32: the neuron's direct effect on each logit per unit of activation (norm scales ignored).
+
+    Computed in the wide dtype (float32 for a 16-bit model): the dot products over d_model too.
+    """
     a = model.adapter
-    unembed = model.module(a.unembed).weight  # [d_vocab, d_model]
+    unembed = widen(model.module(a.unembed).weight)  # [d_vocab, d_model]
     direction = neuron_output_weight(model, layer, neuron).to(unembed.dtype)
     if a.branch_norms:  # the MLP's output is normalised before it joins the residual stream
         direction = _elementwise(model.block_module(layer, a.mlp_out), direction)

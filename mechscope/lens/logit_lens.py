@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
-from mechscope.lens.predict import check_position, one_sequence, target_ids
+from mechscope.lens.predict import as_targets, check_position, split_inputs, target_ids
 from mechscope.models import Inputs, Model
+from mechscope.models.precision import wide_unembed
 
 _CHUNK_TOKENS = 512  # residual vectors unembedded at once: bounds memory to a few chunk x d_vocab floats
 
@@ -60,39 +61,54 @@ def lens_sites(model: Model, mid: bool = False) -> tuple[list[str], list[str]]:
 def logit_lens(
     model: Model,
     text: Inputs,
-    targets: Sequence[str | int] = (),
+    targets: str | int | Sequence[str | int] = (),
     k: int = 5,
     mid: bool = False,
     positions: Sequence[int] | None = None,
-) -> LensResult:
+) -> LensResult | list[LensResult]:
     """Each target's probability and rank, and the top-k tokens, after every layer at every position.
+
+    Targets are optional (one string is one target): without them the lens gives each layer's top
+    tokens. A list of texts (of any lengths) runs as one batch and gives one `LensResult` per text,
+    each equal to the lens of that text alone; `positions` then count within each text.
 
     >>> lens = mechscope.logit_lens(model, "The reliability of Wikipedia is very", [" questionable"])
     >>> lens.probs[:, -1, 0]  # P(" questionable") after each layer, at the last position
     """
     if k < 1:
         raise MechscopeError(f"k={k} is invalid: k must be at least 1")
-    ids = one_sequence(model, text)
-    n_pos = ids.shape[1]
-    positions = list(range(n_pos)) if positions is None else [check_position(p, n_pos) for p in positions]
+    targets = as_targets(targets)
+    items, single = split_inputs(text)
+    tokens = model.encode(items)
     rows, sites = lens_sites(model, mid)
-    cache = model.run(ids, read=sites).cache
-    resid = torch.stack([cache[s][0, positions] for s in sites])  # [row, pos, d_model]
-    tids = [t[0] for t in target_ids(model, targets)]
-    probs, ranks, top_ids, top_probs = _unembed_rows(model, resid, torch.tensor(tids, dtype=torch.long), k)
-    top_tokens = [[model.to_str_tokens(cell) for cell in row] for row in top_ids]
-    tokens = model.to_str_tokens(ids[0])
-    return LensResult(tokens, positions, rows, sites, list(targets), tids, probs, ranks, top_ids, top_probs, top_tokens)
+    cache = model.run(tokens.ids, attention_mask=tokens.mask, read=sites).cache
+    results = []
+    for i, (item, n_pos) in enumerate(zip(items, tokens.lengths, strict=True)):
+        cols = list(range(n_pos)) if positions is None else [check_position(p, n_pos) for p in positions]
+        resid = torch.stack([cache[s][i, cols] for s in sites])  # [row, pos, d_model]
+        tids = [t[0] for t in target_ids(model, targets, item)]
+        probs, ranks, top_ids, top_probs = _unembed_rows(model, resid, torch.tensor(tids, dtype=torch.long), k)
+        top_tokens = [[model.to_str_tokens(cell) for cell in row] for row in top_ids]
+        tokens_i = model.to_str_tokens(tokens.row(i))
+        results.append(LensResult(tokens_i, cols, rows, sites, targets, tids, probs, ranks, top_ids, top_probs, top_tokens))
+    return results[0] if single else results
 
 
 def _unembed_rows(model: Model, resid: Tensor, tids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Target probs/ranks and top-k of every residual vector [row, pos, d_model], in bounded chunks."""
+    """Target probs/ranks and top-k of every residual vector [row, pos, d_model], in bounded chunks.
+
+    The final norm and unembedding run in the wide dtype (float32 for a 16-bit model), as do the
+    softmax, ranks and top-k after them; probs are float32.
+    """
+    unembed = wide_unembed(model, final_norm=True)
     flat = resid.reshape(-1, resid.shape[-1])
     outs = []
     for chunk in flat.split(_CHUNK_TOKENS):
-        logprobs = model.unembed(chunk).float().log_softmax(-1)  # [n, d_vocab]
+        logprobs = unembed(chunk).float().log_softmax(-1)  # [n, d_vocab]
         target_lp = logprobs[:, tids.to(logprobs.device)]  # [n, target]
-        ranks = torch.stack([(logprobs > lp[:, None]).sum(-1) + 1 for lp in target_lp.T], dim=-1)
+        ranks = torch.zeros(target_lp.shape, dtype=torch.long, device=logprobs.device)  # [n, target]
+        for j, lp in enumerate(target_lp.T):
+            ranks[:, j] = (logprobs > lp[:, None]).sum(-1) + 1
         top = logprobs.topk(k, dim=-1)
         outs.append((target_lp.exp(), ranks, top.indices, top.values.exp()))
     shape = resid.shape[:2]
