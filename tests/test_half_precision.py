@@ -31,8 +31,8 @@ from mechscope.attribution import direct_logit_attribution
 from mechscope.attribution.patching import activation_patching, attribution_patching
 from mechscope.attribution.rankings import rank_units
 from mechscope.index import store
-from mechscope.index.card import output_direction
 from mechscope.index.build import IndexSettings, build_index
+from mechscope.index.card import output_direction
 from mechscope.lens.logit_lens import logit_lens
 from mechscope.models.norms import freeze_norm
 
