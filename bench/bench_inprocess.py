@@ -63,6 +63,7 @@ def run(model) -> dict:
 
     import mechscope
     from mechscope.lens.logit_lens import _unembed_rows, lens_sites
+    from mechscope.models.precision import wide_unembed
 
     hf = model.hf
     ids = common.batch_ids(model.tokenizer)
@@ -113,11 +114,12 @@ def run(model) -> dict:
         tids = torch.tensor([model.token_ids(common.LENS_TARGET)[0]])
         lens_cache = model.run(lens_ids, read=sites).cache
         resid = torch.stack([lens_cache[s][0] for s in sites])
-        top_ids = _unembed_rows(model, resid, tids, common.LENS_K)[2]
+        unembed = wide_unembed(model, final_norm=True)
+        top_ids = _unembed_rows(unembed, resid, tids, common.LENS_K)[2]
         hidden = lambda: hf(lens_ids, output_hidden_states=True, use_cache=False)
         parts = {
             "ms: run(read=31 sites)": lambda: model.run(lens_ids, read=sites),
-            "ms: unembed + log_softmax + rank + top-k": lambda: _unembed_rows(model, resid, tids, common.LENS_K),
+            "ms: unembed + log_softmax + rank + top-k": lambda: _unembed_rows(unembed, resid, tids, common.LENS_K),
             "ms: top-k token strings": lambda: [[model.to_str_tokens(cell) for cell in row] for row in top_ids],
             "hf: forward(output_hidden_states)": hidden,
             "hf: lens total": hand_fn,

@@ -31,6 +31,7 @@ from torch import Tensor
 from mechscope.errors import MechscopeError
 from mechscope.lens.predict import split_inputs
 from mechscope.models import Inputs, Model
+from mechscope.models.precision import widen
 
 HeadMeasure = Literal["z", "out"]
 
@@ -167,7 +168,7 @@ def head_activations(
         raise MechscopeError(f"unknown head measure {measure!r}: valid measures are z, out")
     site = f"blocks.{layer}.attn.hook_z"
     if measure == "z":
-        return _per_text(model, text, site, lambda z: z[:, head].norm(dim=-1), f"head {layer}.{head} |z|")
+        return _per_text(model, text, site, lambda z: widen(z[:, head]).norm(dim=-1), f"head {layer}.{head} |z|")
 
     out_proj = model.block_module(layer, model.adapter.heads_out)
 
@@ -175,7 +176,7 @@ def head_activations(
         only = torch.zeros_like(z)
         only[:, head] = z[:, head]
         flat = only.reshape(z.shape[0], -1)
-        return (out_proj(flat) - out_proj(torch.zeros_like(flat))).norm(dim=-1)
+        return widen(out_proj(flat) - out_proj(torch.zeros_like(flat))).norm(dim=-1)
 
     return _per_text(model, text, site, written, f"head {layer}.{head} |out|")
 

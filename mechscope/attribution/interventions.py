@@ -38,6 +38,7 @@ from mechscope.attribution.units import Unit, parse_assignment, parse_units
 from mechscope.errors import MechscopeError, one_of
 from mechscope.lens.predict import check_position, split_inputs
 from mechscope.models import Edit, Inputs, Model
+from mechscope.models.precision import widen
 from mechscope.models.sites import Site
 
 UNIT_OPS = ("set", "scale", "add", "zero", "mean")
@@ -242,10 +243,10 @@ def _direction_edit(iv: Intervention, new: Tensor) -> None:
     if iv.op == "add_direction":
         new.add_(iv.value * d)
         return
-    u = d / d.norm()
+    u = widen(d) / widen(d).norm()  # the projection sums over the site's width: in float32 or wider
     trailing = tuple(range(2, new.ndim))
-    coeff = (new * u).sum(dim=trailing, keepdim=True)
-    new.add_((iv.value - coeff) * u)
+    coeff = (widen(new) * u).sum(dim=trailing, keepdim=True)
+    new.add_(((iv.value - coeff) * u).to(new.dtype))
 
 
 class _SiteEdit:

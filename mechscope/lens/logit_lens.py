@@ -82,25 +82,25 @@ def logit_lens(
     tokens = model.encode(items)
     rows, sites = lens_sites(model, mid)
     cache = model.run(tokens.ids, attention_mask=tokens.mask, read=sites).cache
+    unembed = wide_unembed(model, final_norm=True)
     results = []
     for i, (item, n_pos) in enumerate(zip(items, tokens.lengths, strict=True)):
         cols = list(range(n_pos)) if positions is None else [check_position(p, n_pos) for p in positions]
         resid = torch.stack([cache[s][i, cols] for s in sites])  # [row, pos, d_model]
         tids = [t[0] for t in target_ids(model, targets, item)]
-        probs, ranks, top_ids, top_probs = _unembed_rows(model, resid, torch.tensor(tids, dtype=torch.long), k)
+        probs, ranks, top_ids, top_probs = _unembed_rows(unembed, resid, torch.tensor(tids, dtype=torch.long), k)
         top_tokens = [[model.to_str_tokens(cell) for cell in row] for row in top_ids]
         tokens_i = model.to_str_tokens(tokens.row(i))
         results.append(LensResult(tokens_i, cols, rows, sites, targets, tids, probs, ranks, top_ids, top_probs, top_tokens))
     return results[0] if single else results
 
 
-def _unembed_rows(model: Model, resid: Tensor, tids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _unembed_rows(unembed, resid: Tensor, tids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Target probs/ranks and top-k of every residual vector [row, pos, d_model], in bounded chunks.
 
-    The final norm and unembedding run in the wide dtype (float32 for a 16-bit model), as do the
-    softmax, ranks and top-k after them; probs are float32.
+    `unembed` (`wide_unembed(model, final_norm=True)`) runs the final norm and unembedding in the wide
+    dtype (float32 for a 16-bit model), as do the softmax, ranks and top-k after them; probs are float32.
     """
-    unembed = wide_unembed(model, final_norm=True)
     flat = resid.reshape(-1, resid.shape[-1])
     outs = []
     for chunk in flat.split(_CHUNK_TOKENS):

@@ -258,6 +258,9 @@ class Model:
 
     def unembed_normalized(self, normalized: Tensor) -> Tensor:
         """Logits from final-norm outputs [..., d_model] (`ln_final.hook_normalized`): the unembedding and any soft cap."""
-        logits = self.module(self.adapter.unembed)(normalized)
+        return self.soft_cap(self.module(self.adapter.unembed)(normalized))
+
+    def soft_cap(self, logits: Tensor) -> Tensor:
+        """The family's final logit soft cap, `cap * tanh(logits / cap)`, where it has one; else `logits`."""
         cap = getattr(self.config, self.adapter.final_softcap, None) if self.adapter.final_softcap else None
         return torch.tanh(logits / cap) * cap if cap else logits

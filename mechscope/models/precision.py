@@ -55,10 +55,4 @@ def wide_unembed(model, final_norm: bool = False) -> Callable[[Tensor], Tensor]:
     a = model.adapter
     unembed = widened(model.module(a.unembed))
     norm = widened(model.module(a.final_norm)) if final_norm else lambda x: x
-    cap = getattr(model.config, a.final_softcap, None) if a.final_softcap else None
-
-    def logits(x: Tensor) -> Tensor:
-        out = unembed(norm(widen(x)))
-        return torch.tanh(out / cap) * cap if cap else out
-
-    return logits
+    return lambda x: model.soft_cap(unembed(norm(widen(x))))
