@@ -58,6 +58,30 @@ def test_builtin_is_the_same_when_read_again():
     assert fresh == _stdlib_docstrings()
 
 
+def test_builtin_source_is_the_stdlib_source_without_its_tests():
+    docs = list(corpus("builtin:source").documents())
+    sources = [d.source for d in docs]
+    assert sources == [d.source for d in corpus("builtin:source").documents()]  # one fixed order
+    assert sources.index("source:abc.py") < sources.index("source:json/decoder.py")  # sorted folder by folder
+    assert "source:json/decoder.py" in sources and "source:os.py" in sources
+    assert not any("/test/" in s or "/tests/" in s or "idle_test" in s or s.split("/")[-1].startswith("test_") for s in sources)
+    assert 10_000_000 < sum(len(d.text) for d in docs) < 20_000_000  # about 12 MB of Python
+    assert next(d.text for d in docs if d.source == "source:json/decoder.py").startswith('"""Implementation of JSONDecoder')
+    assert corpus("builtin:source").id.startswith("builtin:python-source:")
+
+
+def test_builtin_all_is_the_docs_then_the_source():
+    docs, source = list(corpus("builtin").documents()), list(corpus("builtin:source").documents())
+    both = list(corpus("builtin:all").documents())
+    assert [(d.source, d.text) for d in both] == [(d.source, d.text) for d in docs + source]
+    assert [d.id for d in both] == list(range(len(both)))
+    assert corpus("builtin:docs").id == corpus().id
+
+
+def test_unknown_builtin():
+    fails("builtin:poems", "builtin:poems")
+
+
 # ---- files and folders
 
 

@@ -3,9 +3,12 @@
 A `Corpus` is a stable id plus a way to stream its documents in one fixed order, so that a long job
 can resume and every result can be traced back to the document it came from. Sources:
 
-- `corpus()` or `corpus("builtin")`: CPython's own documentation, the pydoc topics and the docstrings
-  of the standard library (read with `ast`, never imported): some 2 M characters of real English that
-  ship with every Python, so everything works offline.
+- `corpus()` or `corpus("builtin")` (also `"builtin:docs"`): CPython's own documentation, the pydoc
+  topics and the docstrings of the standard library (read with `ast`, never imported): some 2 M
+  characters of real English that ship with every Python, so everything works offline.
+- `corpus("builtin:source")`: the standard library's own source files, one document each, in sorted
+  path order, test suites left out: about 12 MB of Python (a few million tokens) for training runs.
+- `corpus("builtin:all")`: the documentation, then the source.
 - a `.txt` file (one document), a `.jsonl` file (one document per line, text in `field`), a `.parquet`
   file (one document per row, column `field`, streamed with duckdb), or a folder of such files.
 - `"hf:owner/name"` or `"hf:owner/name:config"`: a HuggingFace dataset, streamed (needs `mechscope[hf]`).
@@ -35,12 +38,19 @@ from mechscope.errors import MechscopeError, one_of
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 BUILTIN_ID = f"builtin:python-docs:{platform.python_version()}"
 """The built-in corpus's id names the Python version, because its docstrings change between releases."""
+BUILTINS = {
+    "builtin": BUILTIN_ID,
+    "builtin:docs": BUILTIN_ID,
+    "builtin:source": f"builtin:python-source:{platform.python_version()}",
+    "builtin:all": f"builtin:python-all:{platform.python_version()}",
+}
+"""The built-in corpora by name, and their ids."""
 MIN_DOCSTRING = 40
 """Shorter docstrings ("Return self.") are boilerplate, not prose."""
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _PARQUET_BATCH = 1024
 _HF_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
-_VALID = "give a .txt, .jsonl or .parquet file, a folder of them, 'builtin' or 'hf:owner/name'"
+_VALID = "give a .txt, .jsonl or .parquet file, a folder of them, 'builtin', 'builtin:source', 'builtin:all' or 'hf:owner/name'"
 
 Texts = Callable[[], Iterator[tuple[str, str]]]
 """Starts a fresh pass over a source: (source, text) pairs in the source's fixed order."""
@@ -72,7 +82,8 @@ class Corpus:
 
 
 def corpus(spec: str | Path | None = None, *, field: str = "text", split: str = "train") -> Corpus:
-    """The corpus named by `spec`: None or "builtin", a .txt/.jsonl/.parquet file or a folder, or "hf:owner/name[:config]".
+    """The corpus named by `spec`: None or "builtin" (or "builtin:source", "builtin:all"), a .txt/.jsonl/.parquet
+    file or a folder, or "hf:owner/name[:config]".
 
     `field` names the text field of .jsonl records, .parquet columns and HF rows; `split` the HF split.
 
@@ -81,6 +92,11 @@ def corpus(spec: str | Path | None = None, *, field: str = "text", split: str = 
     """
     if spec is None or spec == "builtin":
         return Corpus(BUILTIN_ID, _builtin_texts)
+    if isinstance(spec, str) and spec.startswith("builtin:"):
+        if spec not in BUILTINS:
+            raise MechscopeError(f"unknown built-in corpus {spec!r}: valid built-ins are {one_of(BUILTINS)}")
+        texts = {"builtin:source": _source_texts, "builtin:all": _all_texts}.get(spec, _builtin_texts)
+        return Corpus(BUILTINS[spec], texts)
     if isinstance(spec, str) and spec.startswith("hf:"):
         return _hf(spec, field, split)
     path = Path(spec).expanduser()
@@ -254,6 +270,25 @@ def _hf(spec: str, field: str, split: str) -> Corpus:
 
 
 # ---- the built-in corpus: CPython's documentation
+
+
+def _source_texts() -> Iterator[tuple[str, str]]:
+    """Each standard-library source file (tests excluded) as one document, in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files(root):
+        if path.name.startswith("test_"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            yield f"source:{path.relative_to(root).as_posix()}", text
+
+
+def _all_texts() -> Iterator[tuple[str, str]]:
+    yield from _builtin_texts()
+    yield from _source_texts()
 
 
 def _builtin_texts() -> Iterator[tuple[str, str]]:
