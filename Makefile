@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechscope-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-peers clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: install
 
 bench: install
 	$(PY) bench/run.py
+
+# TransformerLens, nnsight, SAELens and sparsify measured side by side with mechscope; bench/peers/run.py
+# installs them into their own venv (bench/peers/.venv) first. Not part of `make test`.
+bench-peers: install
+	$(PY) bench/peers/run.py
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache
