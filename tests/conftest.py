@@ -191,3 +191,31 @@ def index_for_another_model(db, folder):
     con.execute("UPDATE meta SET value = '\"OtherLM-1B\"' WHERE key = 'model'")
     con.close()
     return other
+
+
+@functools.cache
+def tiny_lm(family: str = "llama", seed: int = 0) -> mechscope.Model:
+    """A tiny random-weight model of `family` with a real byte-level BPE tokenizer trained here on the
+    built-in corpus (so corpora can be packed and run through it), in float32 like a real model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mechscope.data import corpus
+
+    texts = [d.text for _, d in zip(range(60), corpus().documents(), strict=False)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    config = _configs()[family]
+    config.vocab_size = len(fast)
+    config.bos_token_id = config.eos_token_id = fast.eos_token_id
+    torch.manual_seed(seed)
+    hf = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return mechscope.load(hf, tokenizer=fast)

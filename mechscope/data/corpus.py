@@ -81,6 +81,26 @@ class Corpus:
             yield Document(i, text, source)
 
 
+def held_out(source: Corpus, every: int = 20) -> tuple[Corpus, Corpus]:
+    """(training, held-out) halves of a corpus: every `every`-th document, counting from the first, is held out.
+
+    Dictionaries train on the first and are evaluated on the second, so evaluation reads text the
+    training never saw. Both keep the corpus's order; their ids name the split.
+    """
+    if not isinstance(every, int) or every < 2:
+        raise MechscopeError(f"every={every!r} is invalid: hold out every n-th document with n of at least 2")
+
+    def part(held: bool) -> Texts:
+        def texts() -> Iterator[tuple[str, str]]:
+            for i, item in enumerate(source.texts()):
+                if (i % every == 0) == held:
+                    yield item
+
+        return texts
+
+    return Corpus(f"{source.id}|train:{every}", part(False)), Corpus(f"{source.id}|heldout:{every}", part(True))
+
+
 def corpus(spec: str | Path | None = None, *, field: str = "text", split: str = "train") -> Corpus:
     """The corpus named by `spec`: None or "builtin" (or "builtin:source", "builtin:all"), a .txt/.jsonl/.parquet
     file or a folder, or "hf:owner/name[:config]".

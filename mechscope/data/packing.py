@@ -30,6 +30,12 @@ from torch import Tensor
 from mechscope.data.corpus import Corpus, Document
 from mechscope.errors import MechscopeError
 
+SKIP_POSITIONS = 4
+"""Positions at the start of each context that statistics, activation stores and dictionaries leave out:
+the start token and the first few text tokens, where a model without a BOS token parks its attention
+(an attention sink) and its activations take outlier values, many times the typical norm (SmolLM2's
+residual stream at layer 15 is ~150x its median norm at the start token). Left in, those few tokens
+dominate every variance."""
 CHUNK_DOCS = 256
 """Documents tokenised per call: the fast tokenizer encodes a batch in parallel."""
 NO_DOC = -1

@@ -1,0 +1,247 @@
+"""Activation stores on disk: `harvest` writes them, `StoreSource` reads them back for training.
+
+A store is a folder of safetensors shards and a JSON manifest:
+
+    manifest.json             model and fingerprint, sites, d, corpus id, dtype, ctx_len, skipped positions,
+                              seed, shard size, and per shard its token count and a hash chaining its tokens
+    shard-00000.safetensors   "acts" [n, n_sites, d] (float32, bfloat16 or float16), "tokens" [n] int32
+
+Each shard holds `shard_contexts` contexts of the packed corpus, positions `skip`.. of each (the first
+positions are attention sinks with huge norms; see `mechscope.data.SKIP_POSITIONS`). A shard is written
+to a temporary file and renamed into place, then the manifest is rewritten the same way, so a harvest
+killed at any moment resumes after its last whole shard and ends with the same content as one that
+ran through. `StoreSource` reads the shards memory-mapped, a few at a time, in a seeded order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mechscope.activations.source import ModelSource, StreamSpec, read_contexts
+from mechscope.errors import MechscopeError, one_of
+
+MANIFEST = "manifest.json"
+STORE_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of the store in `folder`; one-line error if there is no store there."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise MechscopeError(
+            f"{str(folder)!r} is not an activation store: it has no {MANIFEST} (write one with mechscope harvest)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MechscopeError(f"{str(path)!r} is not a valid manifest: {err.msg}") from None
+
+
+@dataclass(frozen=True)
+class HarvestSettings:
+    """How a store is harvested (the stream, plus the on-disk layout)."""
+
+    tokens: int = 1_000_000
+    """Tokens to store (rounded up to whole shards)."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    shard_contexts: int = 256
+    """Contexts per shard."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise MechscopeError(f"unknown dtype {self.dtype!r}: valid dtypes are {one_of(DTYPES)}")
+        if not isinstance(self.tokens, int) or self.tokens < 1:
+            raise MechscopeError(f"tokens={self.tokens!r} is invalid: give a positive number of tokens")
+        if not isinstance(self.shard_contexts, int) or self.shard_contexts < 1:
+            raise MechscopeError(f"shard_contexts={self.shard_contexts!r} is invalid: give a positive number of contexts")
+
+
+def _settings_meta(model, source: ModelSource, settings: HarvestSettings) -> dict:
+    from mechscope.models.fingerprint import model_fingerprint
+
+    spec = source.spec
+    return {
+        "store_version": STORE_VERSION,
+        "model": model.name,
+        "model_fingerprint": model_fingerprint(model),
+        "sites": source.sites,
+        "d": source.d,
+        "corpus": source.corpus.id,
+        "ctx_len": spec.ctx_len,
+        "skip": spec.skip,
+        "skipped_positions": f"the first {spec.skip} positions of each context (attention sinks with outlier norms)",
+        "seed": spec.seed,
+        "dtype": settings.dtype,
+        "shard_contexts": settings.shard_contexts,
+        "shard_tokens": settings.shard_contexts * spec.tokens_per_context,
+    }
+
+
+def harvest(
+    model, spec: StreamSpec, out: str | Path, settings: HarvestSettings = HarvestSettings(), progress: bool = True
+) -> dict:
+    """Write the activations of `spec` on `model` into a store at `out`, or continue the one there.
+
+    Returns the manifest. An existing store must have been harvested with the same settings (model,
+    sites, corpus, ctx_len, skip, seed, dtype, shard size); asking for more tokens than it has extends it.
+
+    >>> harvest(model, StreamSpec(("blocks.15.hook_resid_post",)), "acts/", HarvestSettings(tokens=1_000_000))
+    """
+    out = Path(out)
+    spec = StreamSpec(**{**asdict(spec), "chunk_contexts": settings.shard_contexts})
+    source = ModelSource(model, spec)
+    want = _settings_meta(model, source, settings)
+    n_shards = -(-settings.tokens // want["shard_tokens"])
+    manifest = _open_store(out, want)
+    done = len(manifest["shards"])
+    with _progress(progress, done, n_shards, want["shard_tokens"]) as (bar, task):
+        if done < n_shards:
+            for number, contexts in source.contexts(done):
+                _write_shard(model, source, out, manifest, number, contexts, DTYPES[settings.dtype])
+                bar.update(task, completed=number + 1)
+                if number + 1 >= n_shards:
+                    break
+    manifest["complete"] = True
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _open_store(out: Path, want: dict) -> dict:
+    if out.exists() and not out.is_dir():
+        raise MechscopeError(f"{str(out)!r} is a file: give a folder for the activation store")
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        differ = [k for k in want if manifest.get(k) != want[k] and k != "skipped_positions"]
+        if differ:
+            shown = ", ".join(f"{k} {manifest.get(k)!r} (asked {want[k]!r})" for k in differ[:3])
+            raise MechscopeError(f"the store at {str(out)!r} was harvested with other settings: {shown}; use another folder")
+        _drop_partial(out, len(manifest["shards"]))
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise MechscopeError(f"folder {str(out)!r} is not empty and holds no activation store: give an empty or new folder")
+    manifest = {
+        **want,
+        "shards": [],
+        "tokens": 0,
+        "complete": False,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _drop_partial(out: Path, done: int) -> None:
+    """Remove what a killed harvest left beyond its last whole shard (temporary files, an unlisted shard)."""
+    for path in out.iterdir():
+        if path.name.startswith(".") and ".tmp-" in path.name or path.name.startswith("shard-") and int(path.name[6:11]) >= done:
+            path.unlink(missing_ok=True)
+
+
+def _write_shard(model, source: ModelSource, out: Path, manifest: dict, number: int, contexts, dtype) -> None:
+    spec = source.spec
+    acts = torch.cat([read_contexts(model, source.sites, c, spec.skip) for c in contexts.split(spec.batch_contexts)])
+    tokens = contexts[:, spec.skip :].reshape(-1).to(torch.int32)
+    path = out / _shard_name(number)
+    tmp = out / f".{path.name}.tmp-{os.getpid()}"
+    save_file({"acts": acts.to(dtype).contiguous(), "tokens": tokens.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    previous = manifest["shards"][-1]["chain"] if manifest["shards"] else ""
+    chain = hashlib.sha256(previous.encode() + tokens.numpy().tobytes()).hexdigest()[:16]
+    manifest["shards"].append({"file": path.name, "tokens": len(tokens), "chain": chain})
+    manifest["tokens"] += len(tokens)
+    manifest["corpus_hash"] = chain
+    _write_json(out / MANIFEST, manifest)
+
+
+class _progress:
+    def __init__(self, show: bool, done: int, total: int, shard_tokens: int):
+        self.bar = Progress(
+            TextColumn("harvest"), BarColumn(), MofNCompleteColumn(), TextColumn(f"shards of {shard_tokens:,} tokens"),
+            TimeRemainingColumn(), disable=not show, transient=False,
+        )  # fmt: skip
+        self.done, self.total = done, total
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.bar, self.bar.add_task("harvest", total=self.total, completed=self.done)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+class StoreSource:
+    """Chunks of a store for `source.batches`: `shards_per_chunk` shards at a time, in a seeded order per pass."""
+
+    def __init__(self, folder: str | Path, shards_per_chunk: int = 4, seed: int = 0):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        if not self.manifest.get("complete"):
+            raise MechscopeError(
+                f"the store at {str(folder)!r} is partial ({len(self.manifest['shards'])} shards): "
+                "run the same mechscope harvest again to finish it"
+            )
+        self.shards = [self.folder / s["file"] for s in self.manifest["shards"]]
+        for path, meta in zip(self.shards, self.manifest["shards"], strict=True):
+            if not path.is_file():
+                raise MechscopeError(f"the store at {str(folder)!r} is missing {meta['file']}: harvest it again")
+        self.sites, self.d = list(self.manifest["sites"]), int(self.manifest["d"])
+        self.shards_per_chunk = max(1, min(shards_per_chunk, len(self.shards)))
+        self.seed = seed
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.shards_per_chunk * int(self.manifest["shard_tokens"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+    def _read(self, path: Path) -> torch.Tensor:
+        try:
+            with safe_open(str(path), "pt") as f:
+                acts = f.get_tensor("acts")
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise MechscopeError(
+                f"shard {str(path)!r} cannot be read ({str(err).splitlines()[0][:120]}): harvest it again"
+            ) from None
+        if tuple(acts.shape[1:]) != (len(self.sites), self.d) or acts.shape[0] != int(self.manifest["shard_tokens"]):
+            raise MechscopeError(
+                f"shard {str(path)!r} has shape {list(acts.shape)}, not what the manifest says: harvest it again"
+            )
+        return acts.float()
+
+    def chunks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(chunk number, [chunk_tokens, n_sites, d] float32) from chunk `start` on, endlessly (a new seeded
+        shard order each pass)."""
+        per_pass = len(self.shards) // self.shards_per_chunk
+        number = start
+        while True:
+            epoch, within = divmod(number, per_pass)
+            order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            picked = order[within * self.shards_per_chunk : (within + 1) * self.shards_per_chunk]
+            yield number, torch.cat([self._read(self.shards[i]) for i in picked.tolist()])
+            number += 1

@@ -1,0 +1,75 @@
+"""Training checkpoints: everything a run needs to continue exactly, in safetensors and JSON.
+
+`checkpoint/state.safetensors` holds the dictionary's parameters and buffers (normalisation not folded),
+Adam's moments per parameter, and each latent's tokens since it last fired; `checkpoint/state.json` the
+step, Adam's step counts, the dictionary's config and how many lines of the metrics log belong to the
+run so far. The folder is written under a temporary name and swapped in (`runtime.atomic_folder`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mechscope.errors import MechscopeError
+from mechscope.runtime import atomic_folder
+
+STATE, META = "state.safetensors", "state.json"
+
+
+def save(
+    folder: Path, dictionary, optimizer: torch.optim.Optimizer, since_fired: torch.Tensor, step: int, metrics_lines: int
+) -> None:
+    tensors = {f"dict.{k}": v.detach().contiguous() for k, v in dictionary.state_dict().items()}
+    names = [n for n, _ in dictionary.named_parameters()]
+    steps = {}
+    for name, param in zip(names, [p for _, p in dictionary.named_parameters()], strict=True):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"adam.{name}.{key}"] = state[key].contiguous()
+        if "step" in state:
+            steps[name] = float(state["step"])
+    tensors["since_fired"] = since_fired.contiguous()
+    cfg = dictionary.cfg.to_dict() | {"activation_options": dictionary.activation.options()}
+    meta = {"step": step, "adam_steps": steps, "dict_cfg": cfg, "metrics_lines": metrics_lines}
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / STATE))
+        (tmp / META).write_text(json.dumps(meta))
+
+
+def load(folder: Path) -> dict | None:
+    """The checkpoint in `folder` (tensors and meta), or None if there is none."""
+    if not (folder / META).is_file():
+        return None
+    try:
+        meta = json.loads((folder / META).read_text())
+        tensors = load_file(str(folder / STATE))
+    except Exception as err:  # a damaged checkpoint is reported, never silently restarted over
+        raise MechscopeError(
+            f"the checkpoint in {str(folder)!r} is damaged ({str(err).splitlines()[0][:100]}): remove it to start over"
+        ) from None
+    return {**meta, "tensors": tensors}
+
+
+def restore(state: dict, dictionary, optimizer: torch.optim.Optimizer, since_fired: torch.Tensor) -> int:
+    """Load a checkpoint into a fresh dictionary and optimizer; returns the step to continue from."""
+    tensors = state["tensors"]
+    dictionary.load_state_dict({k.removeprefix("dict."): v for k, v in tensors.items() if k.startswith("dict.")})
+    for name, param in dictionary.named_parameters():
+        if f"adam.{name}.exp_avg" in tensors:
+            optimizer.state[param] = {
+                "step": torch.tensor(state["adam_steps"][name]),
+                "exp_avg": tensors[f"adam.{name}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].clone(),
+            }
+    since_fired.copy_(tensors["since_fired"])
+    return int(state["step"])
+
+
+def remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

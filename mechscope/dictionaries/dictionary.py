@@ -1,0 +1,261 @@
+"""`Dictionary`: one encoder / activation / decoder family for every kind, as a pair of site lists.
+
+A dictionary reads R sites of width d_in and writes W sites of width d_out through F latents:
+
+    f   = act(Σ_r (x_r - b_dec,r·[reads = writes]) W_enc,r + b_enc)          [B, F]
+    x̂_w = Σ_i f_i W_dec,i,w + b_dec,w  (+ Σ_r x_r W_skip,r,w with a skip connection)   [B, W, d_out]
+
+| kind | reads | writes |
+|---|---|---|
+| SAE | one site | the same site |
+| crosscoder | several sites (e.g. residual streams of several layers) | the same sites |
+| transcoder | an MLP's input (`blocks.L.ln2.hook_normalized` or `hook_resid_mid`) | that MLP's output |
+
+The input subtracts the decoder bias (`apply_b_dec_to_input`) only where a dictionary reconstructs
+what it reads (SAE, crosscoder), as in Gao et al. 2024. Activations are normalised before they reach
+the weights: each site's values are multiplied by a stored scale (`input_scale`, `output_scale`) that
+gives them a mean norm of √d during training; `folded()` moves the scales into the weights, which
+leaves every feature activation unchanged, so a saved dictionary reads and writes raw activations.
+
+Shapes: B tokens, R read sites, W write sites, D = d_in (or d_out), F = d_sae.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.dictionaries.activations import make_activation
+from mechscope.dictionaries.sparse import Active, gather_pre, sparse_decode
+from mechscope.errors import MechscopeError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DictConfig:
+    """What a dictionary is: where it reads and writes, its sizes, activation and normalisation."""
+
+    read_sites: list[str]
+    """Sites the encoder reads, e.g. ["blocks.15.hook_resid_post"]."""
+    write_sites: list[str]
+    """Sites the decoder writes (the same as `read_sites` for an SAE or a crosscoder)."""
+    d_in: int
+    """Width of each read site."""
+    d_out: int
+    """Width of each write site."""
+    d_sae: int
+    """Number of latents F."""
+    activation: str = "topk"
+    """Registered activation: relu, topk, batchtopk or jumprelu (see `activations.py`)."""
+    activation_options: dict = field(default_factory=dict)
+    """Options of the activation, e.g. {"k": 64}."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec from the input before encoding. None: only when the dictionary reads what it writes."""
+    skip_connection: bool = False
+    """An affine skip W_skip from what is read to what is written (skip transcoders)."""
+    input_scale: list[float] | None = None
+    """Per read site: the factor raw activations are multiplied by before encoding (1.0 once folded)."""
+    output_scale: list[float] | None = None
+    """Per write site: the factor the targets were multiplied by; reconstructions are divided by it."""
+    matryoshka: list[int] | None = None
+    """Nested prefix sizes (ascending, the last one F) whose reconstruction losses add up in training."""
+    model: str = ""
+    """Name of the model the dictionary was trained on."""
+    model_fingerprint: str = ""
+    """`mechscope.index.build.model_fingerprint` of that model."""
+    skip_positions: int = 0
+    """The first positions of each context left out of training and evaluation."""
+    dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if not self.read_sites or not self.write_sites:
+            raise MechscopeError("a dictionary needs at least one read site and one write site")
+        for name in ("d_in", "d_out", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MechscopeError(f"{name}={value!r} is invalid: it must be a positive integer")
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = self.reconstructs
+        if self.apply_b_dec_to_input and not self.reconstructs:
+            raise MechscopeError("apply_b_dec_to_input needs the dictionary to write the sites it reads (an SAE or crosscoder)")
+        self.input_scale = [1.0] * len(self.read_sites) if self.input_scale is None else [float(s) for s in self.input_scale]
+        self.output_scale = [1.0] * len(self.write_sites) if self.output_scale is None else [float(s) for s in self.output_scale]
+        if self.apply_b_dec_to_input and self.input_scale != self.output_scale:
+            raise MechscopeError(
+                f"input_scale {self.input_scale} and output_scale {self.output_scale} differ: a dictionary that "
+                "subtracts its decoder bias from its input reads and writes in one scale"
+            )
+        if self.matryoshka is not None:
+            sizes = [int(m) for m in self.matryoshka]
+            if sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.d_sae:
+                raise MechscopeError(
+                    f"matryoshka prefixes {self.matryoshka} are invalid: give ascending sizes ending at d_sae={self.d_sae}"
+                )
+            self.matryoshka = sizes
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the dictionary writes exactly the sites it reads (SAE, crosscoder)."""
+        return list(self.read_sites) == list(self.write_sites) and self.d_in == self.d_out
+
+    @property
+    def kind(self) -> str:
+        if self.reconstructs:
+            return "sae" if len(self.read_sites) == 1 else "crosscoder"
+        return "skip_transcoder" if self.skip_connection else "transcoder"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class DictOutput(NamedTuple):
+    """One forward pass of a dictionary."""
+
+    recon: Tensor
+    """[B, W, d_out] reconstruction of the written sites (normalised units inside training, raw outside)."""
+    active: Active
+    """The active latents: N (token, latent) pairs and their activations."""
+    z_pairs: Tensor
+    """[N] pre-activations of the active pairs."""
+
+
+class Dictionary(nn.Module):
+    """A sparse dictionary over lists of sites. Build one from a `DictConfig`; load one with `load_dictionary`.
+
+    >>> d = Dictionary(DictConfig(["blocks.15.hook_resid_post"] * 1, ["blocks.15.hook_resid_post"], 576, 576, 9216))
+    >>> acts = d.encode(x)          # x: [B, 576] raw activations -> sparse.Active
+    >>> x_hat = d.decode(acts)      # [B, 576]
+    """
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        R, W, D_in, D_out, F = len(cfg.read_sites), len(cfg.write_sites), cfg.d_in, cfg.d_out, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(R * D_in, F))
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.W_dec = nn.Parameter(torch.zeros(F, W * D_out))
+        self.b_dec = nn.Parameter(torch.zeros(W * D_out))
+        self.W_skip = nn.Parameter(torch.zeros(R * D_in, W * D_out)) if cfg.skip_connection else None
+        self.activation = make_activation(cfg.activation, F, **cfg.activation_options)
+        self.register_buffer("input_scale", torch.tensor(cfg.input_scale).repeat_interleave(D_in))
+        self.register_buffer("output_scale", torch.tensor(cfg.output_scale).repeat_interleave(D_out))
+
+    # -- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def n_read(self) -> int:
+        return len(self.cfg.read_sites)
+
+    @property
+    def n_write(self) -> int:
+        return len(self.cfg.write_sites)
+
+    def decoder_norms(self) -> Tensor:
+        """[F] each latent's decoder norm, over every site it writes."""
+        return self.W_dec.norm(dim=-1)
+
+    # -- normalised space (training) --------------------------------------------------------------
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """z = (x - b_pre) W_enc + b_enc [B, F] without autograd; x [B, R·d_in] normalised."""
+        with torch.no_grad():
+            x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+            return torch.addmm(self.b_enc, x_in, self.W_enc)
+
+    def forward_normalised(self, x: Tensor) -> DictOutput:
+        """Encode and decode normalised inputs x [B, R·d_in]; the reconstruction is [B, W·d_out], normalised."""
+        z = self.pre_activations(x)
+        rows, cols = self.activation.select(z)
+        b_pre = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        z_pairs = gather_pre(z, x, b_pre, self.W_enc, self.b_enc, rows, cols)
+        active = Active(self.activation.values(z_pairs, cols), rows, cols, x.shape[0], self.d_sae)
+        return DictOutput(self.decode_normalised(active, x), active, z_pairs)
+
+    def decode_normalised(self, active: Active, x: Tensor | None = None) -> Tensor:
+        """[B, W·d_out] from the active latents (and, with a skip connection, the normalised input x)."""
+        out = sparse_decode(active, self.W_dec) + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise MechscopeError("a skip transcoder's decode needs the input it read")
+            out = out + x @ self.W_skip
+        return out
+
+    # -- raw activations --------------------------------------------------------------------------
+
+    def _flat_input(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """Raw x [..., R, d_in] (or [..., d_in] for one site) as [B, R·d_in], and the leading shape."""
+        width = self.n_read * self.cfg.d_in
+        if self.n_read > 1:
+            if x.shape[-2:] != (self.n_read, self.cfg.d_in):
+                raise MechscopeError(
+                    f"input of shape {list(x.shape)} does not fit: expected [..., {self.n_read}, {self.cfg.d_in}]"
+                )
+            lead = x.shape[:-2]
+        else:
+            if x.shape[-1] != self.cfg.d_in:
+                raise MechscopeError(f"input of width {x.shape[-1]} does not fit: this dictionary reads d_in={self.cfg.d_in}")
+            lead = x.shape[:-1]
+        return x.reshape(-1, width).to(self.W_enc.dtype) * self.input_scale, lead
+
+    def encode(self, x: Tensor) -> Active:
+        """The active latents of raw activations x [..., R, d_in] ([..., d_in] for one site), flattened to B tokens."""
+        flat, _ = self._flat_input(x)
+        return self.forward_normalised(flat).active
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        """Feature activations [..., F] of raw activations x (zeros where inactive)."""
+        flat, lead = self._flat_input(x)
+        return self.forward_normalised(flat).active.dense().reshape(*lead, self.d_sae)
+
+    def decode(self, active: Active, x: Tensor | None = None) -> Tensor:
+        """Raw reconstruction [B, W, d_out] ([B, d_out] for one site) of the active latents."""
+        flat = None if x is None else self._flat_input(x)[0]
+        out = self.decode_normalised(active, flat) / self.output_scale
+        return (
+            out.reshape(active.batch, self.n_write, self.cfg.d_out).squeeze(1)
+            if self.n_write == 1
+            else out.reshape(active.batch, self.n_write, self.cfg.d_out)
+        )
+
+    def forward(self, x: Tensor) -> DictOutput:
+        """Encode and decode raw activations x [..., R, d_in]; the reconstruction is raw, [B, W, d_out]."""
+        flat, _ = self._flat_input(x)
+        out = self.forward_normalised(flat)
+        recon = (out.recon / self.output_scale).reshape(-1, self.n_write, self.cfg.d_out)
+        return DictOutput(recon, out.active, out.z_pairs)
+
+    # -- normalisation folded into the weights ----------------------------------------------------
+
+    @torch.no_grad()
+    def folded(self) -> Dictionary:
+        """A copy whose weights read and write raw activations (scales 1.0), with the same feature activations.
+
+        With s the input scale and t the output scale (per site): W_enc·s, b_dec/t (which, for a
+        dictionary that subtracts it from its input, has s = t), W_dec/t, W_skip·s/t.
+        """
+        cfg = dataclasses.replace(
+            self.cfg,
+            input_scale=[1.0] * self.n_read,
+            output_scale=[1.0] * self.n_write,
+            activation_options=self.activation.options(),
+        )
+        out = Dictionary(cfg).to(self.W_enc.device, self.W_enc.dtype)
+        state = {k: v.clone() for k, v in self.state_dict().items() if k not in ("input_scale", "output_scale")}
+        s, t = self.input_scale, self.output_scale
+        state["W_enc"] = self.W_enc * s[:, None]
+        state["W_dec"] = self.W_dec / t
+        state["b_dec"] = self.b_dec / t
+        if self.W_skip is not None:
+            state["W_skip"] = self.W_skip * s[:, None] / t
+        out.load_state_dict(state, strict=False)
+        return out.train(self.training)

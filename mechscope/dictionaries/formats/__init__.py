@@ -1,0 +1,1 @@
+"""Dictionary files: mechscope's own folders, and exchange with SAELens and EleutherAI's sparsify."""

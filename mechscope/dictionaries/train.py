@@ -1,0 +1,337 @@
+"""One trainer for every dictionary: `train_dictionary(model, TrainConfig(...), out)`.
+
+Phases:
+1. Plan: sites and widths, the activation source (streamed from the model over the training
+   documents, or a harvested store), a held-out batch from held-out documents.
+2. Initialise (`init.py`) from the first chunk, or resume the checkpoint in `out/checkpoint`.
+3. Train: each step normalises a batch, encodes and decodes it (only the active latents get gradients,
+   `sparse.py`), and minimises the reconstruction loss (summed over Matryoshka prefixes if any), the
+   activation's sparsity penalty (its coefficient warmed up over the first steps) and, for TopK-style
+   activations, the AuxK loss of dead latents (Gao et al. 2024). Decoder rows stay unit norm where the
+   recipe asks, with the gradient's component along each row removed before the step. The learning
+   rate warms up, then decays linearly over the last `decay_fraction` of the steps.
+4. Checkpoint every `checkpoint_seconds` (atomically; a run killed at any moment resumes to the same
+   weights as one that never stopped), evaluate on the held-out batch every `eval_every` steps, and log
+   metrics to `out/metrics.jsonl`. At the end, save the dictionary with its normalisation folded in.
+
+Under `torchrun`, every process reads the same chunks and takes its share of each batch; gradients are
+averaged by DistributedDataParallel (gloo on CPU, NCCL on GPU), so N processes train what one process
+trains with the same global batch. BatchTopK selects within each process's share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.activations import ModelSource, StoreSource, StreamSpec, batches, site_width
+from mechscope.data import SKIP_POSITIONS, corpus, held_out
+from mechscope.dictionaries import checkpoint
+from mechscope.dictionaries.activations import ACTIVATIONS
+from mechscope.dictionaries.dictionary import DictConfig, Dictionary
+from mechscope.dictionaries.formats.own import save_dictionary
+from mechscope.dictionaries.init import initialise, mean_norm_scales
+from mechscope.dictionaries.sparse import Active, gather_pre, sparse_decode
+from mechscope.errors import MechscopeError, one_of
+from mechscope.runtime import Ranks, progress
+
+
+@dataclass
+class TrainConfig:
+    """How a dictionary is trained. `mechscope train-dict` has one option per field."""
+
+    sites: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Sites the dictionary reads."""
+    write_sites: list[str] | None = None
+    """Sites it writes; None: the sites it reads (an SAE, or a crosscoder over several)."""
+    expansion: int = 16
+    """Latents per input dimension (d_sae = expansion x d_in), unless d_sae is given."""
+    d_sae: int | None = None
+    """Number of latents."""
+    activation: str = "topk"
+    """relu, topk, batchtopk or jumprelu."""
+    k: int = 64
+    """Active latents per token (topk, batchtopk)."""
+    sparsity: float | None = None
+    """Penalty coefficient: relu's L1 (default 5) or jumprelu's L0 (default 1)."""
+    jumprelu_penalty: str = "l0"
+    """jumprelu's penalty: l0, or tanh (Anthropic 2025)."""
+    matryoshka: list[int] | None = None
+    """Nested prefix sizes whose reconstruction losses add up (the last is d_sae)."""
+    skip_connection: bool = False
+    """An affine skip from what is read to what is written (transcoders)."""
+    tokens: int = 5_000_000
+    """Training tokens."""
+    batch_size: int = 4096
+    """Tokens per step (the global batch, over every process)."""
+    lr: float | None = None
+    """Adam learning rate; None: 2e-4 / sqrt(d_sae / 2^14) (Gao et al. 2024)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up."""
+    decay_fraction: float = 0.2
+    """The last fraction of the steps over which the learning rate decays linearly to 0."""
+    sparsity_warmup_fraction: float = 0.05
+    """The first fraction of the steps over which the penalty coefficient rises linearly from 0."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired in this many tokens is dead (AuxK trains it back)."""
+    aux_k: int | None = None
+    """Dead latents AuxK uses per token; None: d_in / 2."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    unit_norm_decoder: bool | None = None
+    """Keep decoder rows at norm 1; None: for topk and batchtopk."""
+    seed: int = 0
+    corpus: str | None = "builtin:all"
+    """Training text (its documents, less every 20th, which are held out for evaluation)."""
+    store: str | None = None
+    """An activation store (mechscope harvest) to read instead of running the model."""
+    ctx_len: int = 128
+    skip: int = SKIP_POSITIONS
+    """The first positions of each context left out (attention sinks)."""
+    chunk_contexts: int = 1024
+    """Contexts per chunk: the shuffle buffer holds one chunk."""
+    eval_every: int = 100
+    """Steps between evaluations on the held-out batch."""
+    eval_tokens: int = 8192
+    """Held-out tokens in each evaluation."""
+    checkpoint_seconds: float = 300.0
+    """Seconds between checkpoints."""
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise MechscopeError(f"unknown activation {self.activation!r}: valid activations are {one_of(ACTIVATIONS)}")
+        for name in ("expansion", "k", "tokens", "batch_size", "eval_every", "eval_tokens", "dead_tokens", "ctx_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MechscopeError(f"{name}={value!r} is invalid: it must be a positive integer")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_warmup_fraction <= 1:
+            raise MechscopeError("decay_fraction and sparsity_warmup_fraction must be between 0 and 1")
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+
+def _activation_options(cfg: TrainConfig) -> dict:
+    if cfg.activation in ("topk", "batchtopk"):
+        return {"k": cfg.k}
+    if cfg.activation == "relu":
+        return {"l1": 5.0 if cfg.sparsity is None else cfg.sparsity}
+    return {"l0": 1.0 if cfg.sparsity is None else cfg.sparsity, "penalty": cfg.jumprelu_penalty}
+
+
+class _Loss(nn.Module):
+    """The training loss of one batch, as a module so DistributedDataParallel can average its gradients."""
+
+    def __init__(self, dictionary: Dictionary, cfg: TrainConfig, d_in: int):
+        super().__init__()
+        self.dictionary, self.cfg = dictionary, cfg
+        self.aux_k = cfg.aux_k or max(1, d_in // 2)
+
+    def forward(self, x_read: Tensor, x_write: Tensor, dead: Tensor, penalty_scale: float) -> dict[str, Tensor]:
+        d = self.dictionary
+        z = d.pre_activations(x_read)
+        rows, cols = d.activation.select(z)
+        b_pre = d.b_dec if d.cfg.apply_b_dec_to_input else None
+        z_pairs = gather_pre(z, x_read, b_pre, d.W_enc, d.b_enc, rows, cols)
+        active = Active(d.activation.values(z_pairs, cols), rows, cols, x_read.shape[0], d.d_sae)
+        recon = d.decode_normalised(active, x_read)
+        error = x_write - recon
+        mse = error.pow(2).sum(-1).mean()
+        loss = mse
+        for size in (d.cfg.matryoshka or [])[:-1]:  # the last prefix is the whole dictionary: mse itself
+            prefix = d.decode_normalised(active.keep(active.cols < size), x_read)
+            loss = loss + (x_write - prefix).pow(2).sum(-1).mean()
+        penalty = d.activation.penalty(active, z_pairs, d.decoder_norms()) if d.activation.uses_penalty else mse.new_zeros(())
+        loss = loss + penalty_scale * penalty
+        aux = mse.new_zeros(())
+        if d.activation.name in ("topk", "batchtopk") and bool(dead.any()):
+            aux = self._aux(z, x_read, b_pre, error.detach(), dead)
+            loss = loss + self.cfg.aux_coefficient * aux
+        return {"loss": loss, "mse": mse.detach(), "penalty": penalty.detach(), "aux": aux.detach(), "active": active}
+
+    def _aux(self, z: Tensor, x_read: Tensor, b_pre, residual: Tensor, dead: Tensor) -> Tensor:
+        """AuxK: the top pre-activations among dead latents reconstruct the error; MSE over the error's variance."""
+        d = self.dictionary
+        k = min(self.aux_k, int(dead.sum()))
+        cols = z.masked_fill(~dead, -math.inf).topk(k, dim=-1, sorted=False).indices.reshape(-1)
+        rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
+        values = torch.relu(gather_pre(z, x_read, b_pre, d.W_enc, d.b_enc, rows, cols))
+        aux_recon = sparse_decode(Active(values, rows, cols, z.shape[0], d.d_sae), d.W_dec)
+        scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return (residual - aux_recon).pow(2).sum(-1).mean() / scale
+
+
+def _lr(cfg: TrainConfig, base: float, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay_start = cfg.steps * (1 - cfg.decay_fraction)
+    decay = 1.0 if step < decay_start else max(0.0, (cfg.steps - step) / max(1.0, cfg.steps - decay_start))
+    return base * warm * decay
+
+
+class Trainer:
+    """Trains one dictionary; `run()` returns it. See the module docstring for the phases."""
+
+    def __init__(self, model, cfg: TrainConfig, out: str | Path, show_progress: bool = True):
+        self.model, self.cfg, self.out = model, cfg, Path(out)
+        self.ranks = Ranks.from_environment()
+        if cfg.batch_size % self.ranks.world:
+            raise MechscopeError(f"batch_size={cfg.batch_size} does not split over {self.ranks.world} processes")
+        self.show = show_progress and self.ranks.main
+        self.read = [model.site(s).name for s in cfg.sites]
+        self.write = [model.site(s).name for s in (cfg.write_sites or cfg.sites)]
+        self.all_sites = list(dict.fromkeys(self.read + self.write))
+        self.d = site_width(model, self.all_sites)
+        self.source, self.eval_source = self._sources()
+
+    def _sources(self):
+        cfg = self.cfg
+        spec = StreamSpec(tuple(self.all_sites), cfg.corpus, ctx_len=cfg.ctx_len, skip=cfg.skip, seed=cfg.seed,
+                          chunk_contexts=cfg.chunk_contexts)  # fmt: skip
+        train_text, eval_text = held_out(corpus(cfg.corpus))
+        eval_spec = dataclasses.replace(spec, chunk_contexts=-(-cfg.eval_tokens // spec.tokens_per_context))
+        eval_source = ModelSource(self.model, eval_spec, eval_text)
+        if cfg.store is None:
+            return ModelSource(self.model, spec, train_text), eval_source
+        store = StoreSource(cfg.store, seed=cfg.seed)
+        if store.sites != self.all_sites:
+            raise MechscopeError(f"the store at {cfg.store!r} holds sites {store.sites}, not {self.all_sites}")
+        return store, eval_source
+
+    def _split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch [B, n_sites, d] as normalised (reads [B, R·d], writes [B, W·d])."""
+        index = {s: i for i, s in enumerate(self.all_sites)}
+        x_read = batch[:, [index[s] for s in self.read]].flatten(1) * self.dictionary.input_scale
+        x_write = batch[:, [index[s] for s in self.write]].flatten(1) * self.dictionary.output_scale
+        return x_read, x_write
+
+    def _new_dictionary(self, sample: Tensor) -> Dictionary:
+        cfg = self.cfg
+        index = {s: i for i, s in enumerate(self.all_sites)}
+        from mechscope.models.fingerprint import model_fingerprint
+
+        dict_cfg = DictConfig(
+            self.read, self.write, self.d, self.d, cfg.d_sae or cfg.expansion * self.d, cfg.activation, _activation_options(cfg),
+            skip_connection=cfg.skip_connection, matryoshka=cfg.matryoshka, model=self.model.name,
+            model_fingerprint=model_fingerprint(self.model), skip_positions=cfg.skip,
+            input_scale=mean_norm_scales(sample[:, [index[s] for s in self.read]]),
+            output_scale=mean_norm_scales(sample[:, [index[s] for s in self.write]]),
+        )  # fmt: skip
+        dictionary = Dictionary(dict_cfg)
+        self.dictionary = dictionary
+        _, targets = self._split(sample[: min(len(sample), 16384)])
+        initialise(dictionary, targets, cfg.seed, decoder_norm=0.1 if cfg.activation == "relu" else 1.0)
+        return dictionary
+
+    def run(self) -> Dictionary:
+        cfg = self.cfg
+        base_lr = cfg.lr or 2e-4 / math.sqrt((cfg.d_sae or cfg.expansion * self.d) / 2**14)
+        state = checkpoint.load(self.out / "checkpoint")
+        if state is None:
+            dictionary = self._new_dictionary(next(self.source.chunks(0))[1])
+        else:
+            self.dictionary = dictionary = Dictionary(DictConfig(**state["dict_cfg"]))
+        unit_norm = cfg.unit_norm_decoder if cfg.unit_norm_decoder is not None else cfg.activation in ("topk", "batchtopk")
+        loss_fn = _Loss(dictionary, cfg, self.d)
+        ddp = loss_fn
+        if self.ranks.world > 1:
+            ddp = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=True)
+        optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=(0.9, 0.999))
+        since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long)
+        start = 0
+        if state is not None:
+            start = checkpoint.restore(state, dictionary, optimizer, since_fired)
+        eval_batch = self._split(next(self.eval_source.chunks(0))[1][: cfg.eval_tokens])
+        metrics_file = self.out / "metrics.jsonl"
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.ranks.main:  # the log as it was at the checkpoint (empty for a new run)
+            lines = metrics_file.read_text().splitlines(keepends=True) if metrics_file.exists() and state else []
+            metrics_file.write_text("".join(lines[: state["metrics_lines"]] if state else []))
+        last_save, shown = time.monotonic(), {}
+        local = cfg.batch_size // self.ranks.world
+        fields = "loss {task.fields[loss]:.4f} L0 {task.fields[l0]:.1f} FVU {task.fields[fvu]:.3f} dead {task.fields[dead]:.1%}"
+        with progress("train", fields, self.show) as bar:
+            task = bar.add_task("train", total=cfg.steps, completed=start, loss=math.nan, l0=math.nan, fvu=math.nan, dead=0.0)
+            for step, batch in batches(self.source, cfg.batch_size, cfg.seed, start):
+                if step >= cfg.steps:
+                    break
+                x_read, x_write = self._split(batch[self.ranks.rank * local : (self.ranks.rank + 1) * local])
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr(cfg, base_lr, step)
+                dead = since_fired >= cfg.dead_tokens
+                penalty_scale = min(1.0, (step + 1) / max(1.0, cfg.sparsity_warmup_fraction * cfg.steps))
+                out = ddp(x_read, x_write, dead, penalty_scale)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if unit_norm:
+                    _remove_parallel_grad(dictionary.W_dec)
+                optimizer.step()
+                if unit_norm:
+                    with torch.no_grad():
+                        dictionary.W_dec /= dictionary.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                active: Active = out["active"]
+                fired = torch.zeros(dictionary.d_sae, dtype=torch.long).index_fill_(0, active.cols[active.values > 0], 1)
+                fired = self.ranks.all_reduce_max(fired).bool()
+                since_fired = torch.where(fired, 0, since_fired + cfg.batch_size)
+                dictionary.activation.observe(active)
+                variance = (x_write - x_write.mean(0)).pow(2).sum(-1).mean()
+                dead_now = float((since_fired >= cfg.dead_tokens).float().mean())
+                shown = {"loss": float(out["loss"].detach()), "l0": float(active.l0().float().mean()),
+                         "fvu": float(out["mse"] / variance), "dead": dead_now}  # fmt: skip
+                bar.update(task, completed=step + 1, **shown)
+                record = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size, "lr": _lr(cfg, base_lr, step), **shown,
+                          "aux": float(out["aux"]), "penalty": float(out["penalty"])}  # fmt: skip
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                    record.update(evaluate_batch(dictionary, *eval_batch))
+                if self.ranks.main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if time.monotonic() - last_save > cfg.checkpoint_seconds and step + 1 < cfg.steps:
+                    self._checkpoint(optimizer, since_fired, step + 1, metrics_file)
+                    last_save = time.monotonic()
+        if self.ranks.main:
+            save_dictionary(dictionary.eval(), self.out / "dictionary", extra={"config": dataclasses.asdict(cfg), "final": shown})
+            checkpoint.remove(self.out / "checkpoint")
+        self.ranks.barrier()
+        return dictionary.eval()
+
+    def _checkpoint(self, optimizer, since_fired: Tensor, step: int, metrics_file: Path) -> None:
+        if self.ranks.main:
+            lines = metrics_file.read_text().count("\n") if metrics_file.exists() else 0
+            checkpoint.save(self.out / "checkpoint", self.dictionary, optimizer, since_fired, step, metrics_lines=lines)
+        self.ranks.barrier()
+
+
+@torch.no_grad()
+def evaluate_batch(dictionary: Dictionary, x_read: Tensor, x_write: Tensor) -> dict[str, float]:
+    """FVU and L0 of the dictionary on a held-out batch (normalised reads and writes)."""
+    training = dictionary.training
+    out = dictionary.eval().forward_normalised(x_read)
+    dictionary.train(training)
+    fvu = (x_write - out.recon).pow(2).sum() / (x_write - x_write.mean(0)).pow(2).sum()
+    return {"eval_fvu": float(fvu), "eval_l0": float(out.active.l0().float().mean())}
+
+
+@torch.no_grad()
+def _remove_parallel_grad(W_dec: nn.Parameter) -> None:
+    """Remove from each decoder row's gradient its component along the (unit) row."""
+    if W_dec.grad is not None:
+        W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+
+
+def train_dictionary(model, cfg: TrainConfig, out: str | Path, show_progress: bool = True) -> Dictionary:
+    """Train a dictionary on `model` as `cfg` says, checkpointing into `out` and saving it to `out/dictionary`.
+
+    A run killed at any moment continues from `out/checkpoint` when started again with the same config,
+    and ends with the same weights as a run that never stopped.
+
+    >>> d = train_dictionary(model, TrainConfig(sites=["blocks.15.hook_resid_post"], k=64, tokens=5_000_000), "sae-l15")
+    """
+    return Trainer(model, cfg, out, show_progress).run()

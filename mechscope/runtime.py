@@ -1,0 +1,86 @@
+"""What long jobs (harvest, dictionary training, index builds) share: ranks, atomic files, progress bars.
+
+- `Ranks`: this process's place among torch.distributed processes (one process: rank 0 of 1). Under
+  `torchrun` it joins the process group from the environment, gloo on CPU and NCCL on GPU.
+- `atomic_folder`: write a folder under a temporary name and swap it into place, so a job killed at
+  any moment leaves either the old folder or the new one, never half of one.
+- `progress`: a rich progress bar with live fields, shown on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Ranks:
+        """Join the process group `torchrun` describes in the environment (WORLD_SIZE > 1), else one process."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+            tensor /= self.world
+        return tensor
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; when the block ends, it replaces `path` in one rename.
+
+    If the block fails, the temporary folder is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def progress(title: str, fields: str = "", show: bool = True) -> Progress:
+    """A progress bar: `title`, bar, done/total, elapsed and remaining time, then `fields` (a format string
+    over the task's fields, e.g. "loss {task.fields[loss]:.3f}")."""
+    columns = [TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    if fields:
+        columns.append(TextColumn(fields))
+    return Progress(*columns, disable=not show)

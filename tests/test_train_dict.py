@@ -1,0 +1,115 @@
+"""The dictionary trainer: it learns, resumes to the very same weights after a crash, and N processes
+under torchrun train what one process trains with the same global batch.
+
+Runs on a tiny random-weight Llama with a real tokenizer (`conftest.tiny_lm`) over the built-in corpus;
+the SmolLM2 quality figures are in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_lm
+
+import mechscope.dictionaries.train as train_module
+from mechscope.dictionaries import TrainConfig, load_dictionary, train_dictionary
+from mechscope.errors import MechscopeError
+
+SITE = "blocks.1.hook_resid_post"
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(sites=[SITE], expansion=4, k=4, tokens=64 * 40, batch_size=64, chunk_contexts=16, ctx_len=32,
+                eval_every=10, eval_tokens=256, corpus="builtin", dead_tokens=640, warmup_steps=5)  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_training_lowers_the_loss_and_saves_a_dictionary(tmp_path, activation):
+    extra = {"sparsity": 0.05} if activation in ("relu", "jumprelu") else {}
+    d = train_dictionary(tiny_lm(), config(activation=activation, **extra), tmp_path, show_progress=False)
+    log = metrics(tmp_path)
+    assert len(log) == 40 and log[-1]["tokens"] == 40 * 64
+    assert log[-1]["eval_fvu"] < 0.9 * log[0]["fvu"]  # it learned
+    back = load_dictionary(tmp_path / "dictionary", model=tiny_lm())
+    x = tiny_lm().run("The reliability of Wikipedia", read=[SITE]).cache[SITE][0, 4:]
+    torch.testing.assert_close(back.encode_dense(x), d.encode_dense(x), rtol=1e-4, atol=1e-4)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_matryoshka_and_transcoder(tmp_path):
+    train_dictionary(tiny_lm(), config(matryoshka=[32, 128]), tmp_path / "m", show_progress=False)
+    transcoder = config(sites=["blocks.1.hook_resid_mid"], write_sites=["blocks.1.hook_mlp_out"], skip_connection=True)
+    d = train_dictionary(tiny_lm(), transcoder, tmp_path / "t", show_progress=False)
+    assert d.cfg.kind == "skip_transcoder" and metrics(tmp_path / "t")[-1]["eval_fvu"] < 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = config(checkpoint_seconds=0.0)  # a checkpoint after every step
+    whole = train_dictionary(tiny_lm(), cfg, tmp_path / "whole", show_progress=False)
+    real = train_module.batches
+
+    def crashing(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 23:
+                raise Crash
+            yield item
+
+    monkeypatch.setattr(train_module, "batches", crashing)
+    with pytest.raises(Crash):
+        train_dictionary(tiny_lm(), cfg, tmp_path / "resumed", show_progress=False)
+    assert (tmp_path / "resumed" / "checkpoint").exists()
+    monkeypatch.setattr(train_module, "batches", real)
+    resumed = train_dictionary(tiny_lm(), cfg, tmp_path / "resumed", show_progress=False)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "resumed")
+
+
+def test_bad_settings_get_one_line(tmp_path):
+    with pytest.raises(MechscopeError, match="unknown activation 'gelu'"):
+        config(activation="gelu")
+    with pytest.raises(MechscopeError, match="batch_size=0 is invalid"):
+        config(batch_size=0)
+    with pytest.raises(MechscopeError, match="unknown site"):
+        train_dictionary(tiny_lm(), config(sites=["blocks.1.hook_nothing"]), tmp_path, show_progress=False)
+    with pytest.raises(MechscopeError, match="layer 9 out of range"):
+        train_dictionary(tiny_lm(), config(sites=["blocks.9.hook_resid_post"]), tmp_path, show_progress=False)
+    with pytest.raises(MechscopeError, match="k=400 is invalid for 128 latents"):
+        train_dictionary(tiny_lm(), config(k=400), tmp_path, show_progress=False)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_lm
+from test_train_dict import config
+from mechscope.dictionaries import train_dictionary
+torch.set_num_threads(1)
+d = train_dictionary(tiny_lm(), config(tokens=64 * 12), {out!r}, show_progress=False)
+"""
+
+
+def test_two_processes_train_what_one_trains(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29513", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train_dictionary(tiny_lm(), config(tokens=64 * 12), tmp_path / "one", show_progress=False)  # one process, here
+    one, two = load_dictionary(tmp_path / "one" / "dictionary"), load_dictionary(tmp_path / "two" / "dictionary")
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # gradients summed in another order
