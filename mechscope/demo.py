@@ -9,7 +9,8 @@
 6. The top examples of the neurons behind the target, from the max-activating index of every neuron
    over the built-in corpus (a small one is built first, in about a minute, if there is none yet).
 
-Everything is printed and collected in one self-contained HTML report.
+Everything is printed and collected in one light self-contained HTML report (no plotly.js). Text from
+the prompt, the target and the corpus is shown as written (never read as markup).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from contextlib import closing
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import mechscope
 from mechscope import viz
@@ -36,6 +39,7 @@ from mechscope.index import store
 from mechscope.index.build import IndexSettings, build_index, default_index_path
 from mechscope.index.query import Index
 from mechscope.viz import index_views
+from mechscope.viz.shown import plain, token_label
 
 HEATMAP_TEXTS = (
     "The reliability of Wikipedia is very questionable.",
@@ -54,7 +58,7 @@ def demo_index(model, console: Console) -> Path:
     settings = IndexSettings(tokens=DEMO_TOKENS)
     if path.exists() and store.stored_format(path) != store.FORMAT:  # from an older mechscope: keep it aside
         path.replace(path.with_name(path.name + ".old"))
-        console.print(f"the index at {path} has an older format: moved it to {path.name}.old")
+        console.print(plain(f"the index at {path} has an older format: moved it to {path.name}.old"))
     if path.exists():
         with closing(store.open_index(path)) as con:
             meta = store.read_meta(con)
@@ -62,7 +66,7 @@ def demo_index(model, console: Console) -> Path:
             return path
         settings = IndexSettings(contexts=tuple(meta["contexts"]))  # finish the build that was interrupted
     else:
-        console.print(f"no index of {model.name}'s neurons yet: building a small one ({DEMO_TOKENS:,} tokens) at {path}")
+        console.print(plain(f"no index of {model.name}'s neurons yet: building a small one ({DEMO_TOKENS:,} tokens) at {path}"))
     path.parent.mkdir(parents=True, exist_ok=True)
     return build_index(model, path, settings=settings)
 
@@ -76,38 +80,39 @@ def index_sections(model, console: Console, neurons: list[str]) -> list[tuple[st
             try:
                 examples = index.top(name, INDEX_EXAMPLES)
             except MechscopeError as err:  # an index the user built over other sites
-                console.print(f"[yellow]{err}[/]")
+                console.print(plain(str(err), "yellow"))
                 continue
             stats = index.stats(name)
             title = (
                 f"Neuron {name}: top {len(examples)} of {seen:,} corpus tokens (max {stats.max:.3f}, density {stats.density:.3f})"
             )
-            console.print(f"\n[bold]{title}[/]")
+            console.print(Text("\n") + plain(title, "bold"))
             console.print(index_views.examples_text(examples))
             sections.append((title, index_views.examples_html(examples)))
     return sections
 
 
 def _table(title: str, header: list[str], rows: list[tuple]) -> Table:
-    table = Table(title=title, title_justify="left")
+    """A table whose title, headers and cells are shown as written."""
+    table = Table(title=plain(title), title_justify="left")
     for column in header:
-        table.add_column(column)
+        table.add_column(plain(column))
     for row in rows:
-        table.add_row(*map(str, row))
+        table.add_row(*(plain(str(cell)) for cell in row))
     return table
 
 
 def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     start = time.perf_counter()
     model = mechscope.load()
-    console.print(f"loaded [bold]{model!r}[/] in {time.perf_counter() - start:.1f} s")
+    console.print(f"loaded [bold]{escape(repr(model))}[/] in {time.perf_counter() - start:.1f} s")
 
     prediction = mechscope.predict(model, text, k=10, targets=[target])
     score = prediction.targets[0]
-    top_rows = [(repr(t.token), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
-    console.print(f"prompt: {text!r} -> tokens {prediction.tokens}")
+    top_rows = [(token_label(t.token), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
+    console.print(plain(f"prompt: {text!r} -> tokens [{', '.join(map(token_label, prediction.tokens))}]"))
     console.print(_table("next-token distribution", ["token", "prob", "log-prob"], top_rows))
-    console.print(f"P({target!r}) = {score.prob:.4f}, rank {score.rank}")
+    console.print(plain(f"P({target!r}) = {score.prob:.4f}, rank {score.rank}"))
 
     lens = mechscope.logit_lens(model, text, [target], k=5)
     console.print(viz.lens_table(lens))
@@ -136,7 +141,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     console.print(viz.token_heatmap_text(values))
     console.print(viz.token_stats_table(values, title=values[0].label))
 
-    console.print(f"\n[bold]where the neurons behind {target!r} fire most[/] (max-activating index)")
+    console.print(Text("\n") + plain(f"where the neurons behind {target!r} fire most", "bold") + Text(" (max-activating index)"))
     examples = index_sections(model, console, neurons)
 
     report = viz.write_report(
@@ -144,7 +149,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
         f"mechscope demo · {model.name} · {text!r}",
         [
             ("Next-token distribution", viz.table_html(["token", "prob", "log-prob"], top_rows)),
-            (f"Logit lens of {target!r}", viz.lens_figure(lens)),
+            (f"Logit lens of {target!r}", viz.lens_html(lens)),
             (
                 f"Direct logit attribution of {target!r} (logit {attribution.logit:.3f})",
                 viz.table_html(["unit", "kind", "direct"], units),
@@ -159,5 +164,5 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
         ],
     )
     png = viz.lens_png(lens, out / "demo-lens.png")
-    console.print(f"HTML report: [bold]{report.resolve()}[/]\nPNG: {png.resolve()}")
+    console.print(Text("HTML report: ") + plain(str(report.resolve()), "bold") + plain(f"\nPNG: {png.resolve()}"))
     return report

@@ -1,4 +1,5 @@
-"""Per-token activations equal independent PyTorch computations on SmolLM2; the heatmaps show every token, safely."""
+"""Per-token activations equal independent PyTorch computations on SmolLM2; the heatmaps show every token, safely,
+and leave the first positions (the index's rule) out of their scale."""
 
 import html
 
@@ -15,13 +16,17 @@ from mechscope.attribution.activations import (
     unit_activations,
 )
 from mechscope.errors import MechscopeError
+from mechscope.index import IndexSettings
 from mechscope.viz.report import write_report
+from mechscope.viz.shown import token_label
 from mechscope.viz.token_heatmap import (
     attention_pattern_figure,
     attention_pattern_png,
+    shared_vmax,
     token_heatmap_html,
     token_heatmap_png,
     token_heatmap_text,
+    token_scale,
     token_stats_table,
     value_rgb,
 )
@@ -117,6 +122,26 @@ def test_attention_pattern_rows_are_distributions(smollm2):
     assert float(ap.pattern.triu(1).abs().max()) == 0
 
 
+@pytest.mark.slow
+def test_neuron_heatmap_scale_ignores_the_first_positions(smollm2, tmp_path):
+    """29:288 peaks at position 0 of any text (about 62): that position must not set the scale or the max."""
+    texts = ["The reliability of Wikipedia is very questionable.", "Critics say the evidence is weak."]
+    values = neuron_activations(smollm2, texts, 29, 288)
+    assert all(tv.argmax == 0 and tv.max > 55 for tv in values)  # the outlier the views leave out
+    skip = IndexSettings.skip
+    scale = token_scale(values)
+    assert scale.skip == skip == 4 and scale.vmax == max(float(tv.values[skip:].abs().max()) for tv in values) < 45
+    console = Console(record=True, width=140, color_system="truecolor", force_terminal=True)
+    console.print(token_stats_table(values))
+    table = console.export_text()
+    for tv in values:
+        top = skip + int(tv.values[skip:].argmax())
+        assert f"{top}:{token_label(tv.tokens[top])}" in table and f"{tv.max:.4g}" in table  # max, and position 0 apart
+    page = token_heatmap_html(values)
+    assert page.count("class='ms-tok skip'") == 2 * skip + 1 and "not scored" in page  # and the legend's sample
+    token_heatmap_png(values, tmp_path / "n.png")
+
+
 # -- rendering (synthetic values: no model needed) --------------------------------------------------
 
 TOKENS = ["Say", " <b>", "&amp;", ' "hi"', "\n", "\t", "then", " $x$", " done"]
@@ -136,6 +161,16 @@ def test_colour_scale_is_diverging_and_legible():
     assert value_rgb(5.0, 1.0) == value_rgb(1.0, 1.0)  # clipped at vmax
 
 
+def test_scale_leaves_out_the_first_positions_and_is_one_sided_without_negatives():
+    scale = token_scale(_tv())
+    assert scale.skip == 4 and scale.vmax == 3.0 and not scale.one_sided  # |-3| at position 8; 3.0 at 4 is scored
+    assert token_scale(_tv()._replace(values=torch.tensor([9.0, 9, 9, 9, 1, 2, 0, 2, 1]))) == (2.0, True, 4)
+    assert token_scale(_tv(), skip=0).vmax == 3.0 and token_scale(_tv(), skip=0).skip == 0
+    short = TokenValues(["a", "b"], torch.tensor([5.0, -1.0]), "")  # nothing beyond the first positions: all count
+    assert token_scale(short) == (5.0, False, 0)
+    assert shared_vmax(_tv()._replace(values=torch.tensor([50.0, 0, 0, 0, 1, 2, 0, 2, -1]))) == 2.0
+
+
 def test_terminal_text_shows_every_token():
     tv = _tv()
     text = token_heatmap_text([tv, tv._replace(label="second")])
@@ -145,20 +180,22 @@ def test_terminal_text_shows_every_token():
     assert "↵" in plain and "→" in plain and "second" in plain
     simple = token_heatmap_text(TokenValues(["The", " cat"], torch.tensor([1.0, -1.0]), ""), legend=False, labels=False)
     assert simple.plain == "The cat"
-    console = Console(record=True, width=100, color_system="truecolor", force_terminal=True)
+    console = Console(record=True, width=120, color_system="truecolor", force_terminal=True)
     console.print(text)
     console.print(token_stats_table(tv))
     out = console.export_text()
-    assert "4:'\\n'" in out and "0.1389" in out  # argmax position:token, and the mean
+    assert "dim: positions 0–3 of each text not scored" in out
+    assert "│   3 │ 4:'↵' │  0.3 │  -3 │                     1.5 │" in out  # over positions 4..8; max over 0..3
 
 
 def test_html_escapes_tokens_and_shows_values(tmp_path):
     snippet = token_heatmap_html(_tv())
     assert " &lt;b&gt;" in snippet and "&amp;amp;" in snippet and "<b>" not in snippet
     for pos, (token, value) in enumerate(zip(TOKENS, VALUES.tolist(), strict=True)):
-        assert f'title="{html.escape(f"pos {pos} {token!r} = {value:.4g}", quote=True)}"' in snippet
-    assert snippet.count("class='ms-tok'") == len(TOKENS)
-    assert "linear-gradient" in snippet and "-3" in snippet  # the legend, with the scale's ends
+        tip = f"pos {pos} {token_label(token)} = {value:.4g}" + (" (not scored)" if pos < 4 else "")
+        assert f'title="{html.escape(tip, quote=True)}"' in snippet
+    assert snippet.count("class='ms-tok'") == len(TOKENS) - 4 and snippet.count("class='ms-tok skip'") == 4 + 1  # + legend
+    assert "linear-gradient" in snippet and "-3" in snippet and "not scored" in snippet  # the legend, with the scale's ends
     page = write_report(tmp_path / "r.html", "tokens", [("neuron 3:123", snippet)]).read_text()
     assert snippet in page
 
@@ -178,4 +215,4 @@ def test_attention_figure_labels_and_hover():
     heatmap = fig.data[0]
     assert len(set(heatmap.x)) == len(TOKENS)  # repeated tokens stay apart
     assert "&lt;b&gt;" in heatmap.x[1] and "<b>" not in "".join(heatmap.x)
-    assert heatmap.hovertext[1][1].endswith("<br>1") and "query 1" in heatmap.hovertext[1][1]
+    assert heatmap.hovertext[1][1].endswith(": 1 (key not scored: beyond the scale)") and "query 1:" in heatmap.hovertext[1][1]

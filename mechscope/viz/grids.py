@@ -5,25 +5,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.style import Style
-from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
-from mechscope.viz.token_heatmap import value_rgb
+from mechscope.viz.scale import hex_colour, ink, value_rgb
+from mechscope.viz.shown import plain, shown_token
+from mechscope.viz.terminal import Column, FittedTable
 
 
-def grid_table(title: str, rows: Sequence[str], cols: Sequence[str], grid: Tensor, vmax: float | None = None) -> Table:
-    """A rich table with one coloured cell per grid value (blue negative, red positive, white at 0)."""
+def grid_table(title: str, rows: Sequence[str], cols: Sequence[str], grid: Tensor, vmax: float | None = None) -> FittedTable:
+    """A table with one coloured cell per grid value (blue negative, red positive, white at 0).
+
+    When the columns do not all fit the console's width, those with the largest |value| are shown,
+    in their order, with a note saying so.
+    """
     vmax = float(grid.abs().max()) if vmax is None else vmax
-    table = Table(title=title, title_justify="left")
-    table.add_column("layer", justify="right")
-    for col in cols:
-        table.add_column(str(col)[:12], justify="right")
-    for label, values in zip(rows, grid.tolist(), strict=True):
+    values = grid.tolist()
+    columns = []
+    for c, label in enumerate(cols):
+        shown = shown_token(str(label))
         cells = []
-        for value in values:
-            r, g, b = value_rgb(value, vmax)
-            ink = "black" if (0.299 * r + 0.587 * g + 0.114 * b) / 255 > 0.5 else "white"
-            cells.append(Text(f"{value:+.2f}", style=Style(bgcolor=f"#{r:02x}{g:02x}{b:02x}", color=ink)))
-        table.add_row(str(label), *cells)
-    return table
+        for row in values:
+            rgb = value_rgb(row[c], vmax)
+            cells.append(Text(f"{row[c]:+.2f}", style=Style(bgcolor=hex_colour(rgb), color=ink(rgb))))
+        columns.append(Column(plain(shown if len(shown) <= 12 else shown[:11] + "…"), cells))
+    peak = grid.abs().amax(0).tolist() if grid.numel() else []
+    priority = sorted(range(len(columns)), key=lambda c: -peak[c])
+    return FittedTable(plain(title), "layer", [str(r) for r in rows], columns, priority, chosen="those with the largest |value|")

@@ -1,13 +1,17 @@
 """Index results drawn: top examples and samples as token heatmaps, unit cards, histograms, a unit page.
 
 - terminal: `examples_text` (one line per example, the activating token underlined; tokens with no
-  stored activation keep the terminal's own colours), `strata_text`, `card_tables`, `histogram_text`;
+  stored activation, such as the positions the index does not score, are dim and keep the
+  terminal's own colours), `strata_text`, `card_tables`, `histogram_text`. Where the console shows
+  no colour (a pipe, a file), the example's own token is marked `⟦...⟧` instead of underlined;
 - PNG: `histogram_png`, counts on a log scale over the unit's non-empty bins;
-- HTML: `unit_page` writes one self-contained page (values on hover, every token escaped) through
-  `viz.report.write_report`; `histogram_figure` is its plotly histogram.
+- HTML: `unit_page` writes one light self-contained page (values on hover, every token escaped, no
+  plotly) through `viz.report.write_report`; `histogram_html` is its SVG histogram and
+  `histogram_figure` the same as a plotly figure.
 
-Colours are the diverging scale of `viz.token_heatmap` (blue negative, red positive, white at 0),
-shared by every example of a unit: full colour at the unit's largest |activation| shown.
+Colours are the scale of `viz.scale` (blue negative, red positive, white at 0; one-sided when no
+value is negative), shared by every example of a unit: full colour at the unit's largest
+|activation| shown. Tokens are shown as in `viz.shown`.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from rich.text import Text
 from mechscope.index.card import UnitCard
 from mechscope.index.query import Example, Histogram, Stratum
 from mechscope.index.stats import LOW_EXP, ZERO_BIN
+from mechscope.viz.html_figures import bars_html
 from mechscope.viz.report import save_png, table_html, write_report
-from mechscope.viz.token_heatmap import _hex, _ink, _visible, legend_text, value_rgb
+from mechscope.viz.scale import Scale, hex_colour, ink, value_rgb
+from mechscope.viz.shown import plain, shown_token, token_label
+from mechscope.viz.terminal import ColourText
+from mechscope.viz.token_heatmap import legend_text
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -34,7 +42,7 @@ _SPARK = "▁▂▃▄▅▆▇█"
 def _shown(example: Example) -> list[str]:
     """Each token of the window as drawn on one line: whitespace made visible, no line breaks."""
     tokens = example.tokens or [f"<{i}>" for i in example.token_ids]
-    return [_visible(t).replace("\n", "") for t in tokens]
+    return [shown_token(t) for t in tokens]
 
 
 def examples_vmax(examples: Sequence[Example]) -> float:
@@ -43,41 +51,65 @@ def examples_vmax(examples: Sequence[Example]) -> float:
     return max(values, default=0.0) or 1.0
 
 
+def examples_scale(examples: Sequence[Example], vmax: float | None = None) -> Scale:
+    """The examples' shared scale: one-sided when no stored activation is negative."""
+    values = [float(v) for ex in examples for v in [ex.value, *ex.acts.tolist()] if math.isfinite(v)]
+    return Scale(examples_vmax(examples) if vmax is None else float(vmax), all(v >= 0 for v in values), 0)
+
+
+NOT_STORED = "dim: no stored activation (the index does not score the first positions of a context)"
+
+
 # -- terminal -------------------------------------------------------------------------------------
 
 
-def example_line(example: Example, vmax: float, label: str | None = None) -> Text:
-    """`label value` then the window's tokens on coloured backgrounds; the example's own token underlined."""
-    out = Text(f"{label if label is not None else example.rank:>3} {example.value:>8.3f}  ", style="dim")
+def example_line(example: Example, vmax: float, label: str | None = None) -> ColourText:
+    """`label value` then the window's tokens on coloured backgrounds; the example's own token underlined
+    (marked `⟦...⟧` where the console shows no colour)."""
+    head = f"{label if label is not None else example.rank:>3} {example.value:>8.3f}  "
+    out, piped = Text(), Text(head)
+    out.append(head, style="dim")
     for p, piece, act in zip(example.positions, _shown(example), example.acts.tolist(), strict=True):
         style = Style(bold=True, underline=True) if p == example.pos else Style()
         if math.isfinite(act):
             rgb = value_rgb(act, vmax)
-            style += Style(bgcolor=_hex(rgb), color=_ink(rgb))
+            style += Style(bgcolor=hex_colour(rgb), color=ink(rgb))
+        else:
+            style += Style(dim=True)
         out.append(piece, style=style)
-    return out
+        piped.append(f"⟦{piece}⟧" if p == example.pos else piece)
+    return ColourText(out, piped)
 
 
-def examples_text(examples: Sequence[Example], vmax: float | None = None, legend: bool = True) -> Text:
+def _lines(lines: Sequence[ColourText]) -> ColourText:
+    return ColourText(Text("\n").join(line.coloured for line in lines), Text("\n").join(line.piped for line in lines))
+
+
+def _with_legend(text: ColourText, scale: Scale) -> ColourText:
+    coloured, piped = text.coloured.copy(), text.piped.copy()
+    coloured.append("\n")
+    coloured.append_text(legend_text(scale))
+    coloured.append("  " + NOT_STORED, style="dim")
+    piped.append("\n⟦...⟧: the example's own token")
+    return ColourText(coloured, piped)
+
+
+def examples_text(examples: Sequence[Example], vmax: float | None = None, legend: bool = True) -> ColourText:
     """Top examples, one line each, on one colour scale."""
-    vmax = examples_vmax(examples) if vmax is None else vmax
-    out = Text("\n").join(example_line(ex, vmax) for ex in examples)
-    if legend and examples:
-        out.append("\n")
-        out.append_text(legend_text(vmax))
-    return out
+    scale = examples_scale(examples, vmax)
+    out = _lines([example_line(ex, scale.vmax) for ex in examples])
+    return _with_legend(out, scale) if legend and examples else out
 
 
-def strata_text(strata: Sequence[Stratum], vmax: float | None = None) -> Text:
+def strata_text(strata: Sequence[Stratum], vmax: float | None = None) -> ColourText:
     """Samples by activation range, highest range first, each range headed by its quantiles."""
     vmax = examples_vmax([ex for s in strata for ex in s.examples]) if vmax is None else vmax
-    out = Text()
+    lines: list[ColourText] = []
     for s in reversed(strata):
-        if len(out):
-            out.append("\n")
-        out.append(f"{_range(s)}  ({_quantiles(s)})\n", style="bold")
-        out.append_text(Text("\n").join(example_line(ex, vmax, label="") for ex in s.examples))
-    return out
+        heading = Text(f"{_range(s)}  ({_quantiles(s)})", style="bold")
+        lines.append(ColourText(heading, heading))
+        lines += [example_line(ex, vmax, label="") for ex in s.examples]
+    return _lines(lines)
 
 
 def _range(s: Stratum) -> str:
@@ -91,7 +123,7 @@ def _quantiles(s: Stratum) -> str:
 def card_tables(card: UnitCard) -> list[Table]:
     """The card as rich tables: statistics, input tokens, and output tokens for a neuron."""
     st = card.stats
-    stats = Table(title=f"unit {card.unit.name} ({card.unit.site}, #{card.unit.id})", title_justify="left")
+    stats = Table(title=plain(f"unit {card.unit.name} ({card.unit.site}, #{card.unit.id})"), title_justify="left")
     for column in ("tokens", "mean", "std", "max", "density", "active"):
         stats.add_column(column, justify="right")
     stats.add_row(f"{st.tokens:,}", f"{st.mean:.4g}", f"{st.std:.4g}", f"{st.max:.4g}", f"{st.density:.2%}", f"{st.active:,}")
@@ -100,7 +132,7 @@ def card_tables(card: UnitCard) -> list[Table]:
     for column in ("token", "mean", "max", "count"):
         inputs.add_column(column, justify="left" if column == "token" else "right")
     for t in card.input_tokens:
-        inputs.add_row(_token_label(t.token, t.token_id), f"{t.mean:.4g}", f"{t.max:.4g}", str(t.count))
+        inputs.add_row(plain(_token_label(t.token, t.token_id)), f"{t.mean:.4g}", f"{t.max:.4g}", str(t.count))
     tables.append(inputs)
     if card.promoted is not None:
         out = Table(
@@ -109,13 +141,13 @@ def card_tables(card: UnitCard) -> list[Table]:
         for column in ("promotes", "weight", "suppresses", "weight "):
             out.add_column(column, justify="right" if column.startswith("weight") else "left")
         for up, down in zip(card.promoted, card.suppressed, strict=True):
-            out.add_row(repr(up.token), f"{up.weight:+.3f}", repr(down.token), f"{down.weight:+.3f}")
+            out.add_row(plain(token_label(up.token)), f"{up.weight:+.3f}", plain(token_label(down.token)), f"{down.weight:+.3f}")
         tables.append(out)
     return tables
 
 
 def _token_label(token: str | None, token_id: int) -> str:
-    return repr(token) if token is not None else f"<{token_id}>"
+    return token_label(token) if token is not None else f"<{token_id}>"
 
 
 def histogram_text(hist: Histogram, width: int = 64) -> Text:
@@ -149,6 +181,25 @@ def _bin_labels(hist: Histogram) -> list[str]:
     return [f"[{_edge(lo)}, {_edge(hi)})" for lo, hi in zip(hist.edges[:-1], hist.edges[1:], strict=True)]
 
 
+def _ticks(hist: Histogram) -> list[tuple[float, str]]:
+    """Bar positions to label: octave edges (about 12 of them), and 0 at the middle of the bin around it."""
+    n = len(hist.counts)
+    ticks = [i for i, edge in enumerate(hist.edges) if not math.isfinite(edge) or _power_of_two(abs(edge))]
+    ticks = [i for i in ticks if abs(hist.edges[i]) != 2.0**LOW_EXP][:: max(1, len(ticks) // 12)]
+    out = [(float(i), _edge(hist.edges[i])) for i in ticks]
+    if 0 <= ZERO_BIN - hist.first_bin < n:  # the bin of |x| < 2^LOW_EXP, labelled 0 at its middle
+        out.append((ZERO_BIN - hist.first_bin + 0.5, "0"))
+    return out
+
+
+def histogram_html(hist: Histogram) -> str:
+    """A light SVG bar chart (no plotly), one bar per bin, counts on a log axis, each bar's range and count on hover."""
+    total = max(int(hist.counts.sum()), 1)
+    hover = [f"{int(c):,} tokens ({c / total:.3%})" for c in hist.counts]
+    counts = [int(c) for c in hist.counts]
+    return bars_html(counts, _bin_labels(hist), hover, _ticks(hist), x_title="activation (bins log-spaced in magnitude)")
+
+
 def histogram_figure(hist: Histogram, title: str = "activation histogram"):
     """A plotly bar chart, one bar per bin (bins are log-spaced in |activation|), counts on a log axis."""
     import plotly.graph_objects as go
@@ -158,7 +209,7 @@ def histogram_figure(hist: Histogram, title: str = "activation histogram"):
     hover = [f"{label}<br>{int(c):,} tokens ({c / total:.3%})" for label, c in zip(labels, hist.counts, strict=True)]
     fig = go.Figure(go.Bar(x=labels, y=hist.counts, hovertext=hover, hoverinfo="text", marker_color="#b2182b"))
     fig.update_layout(
-        title=title,
+        title=html.escape(title),
         xaxis={"title": "activation (bins log-spaced in magnitude)", "type": "category", "tickangle": -45},
         yaxis={"title": "tokens", "type": "log"},
         height=420,
@@ -177,12 +228,8 @@ def histogram_png(hist: Histogram, path: str | Path, title: str = "activation hi
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * n + 2), 3.6))
     ax.bar(np.arange(n) + 0.5, hist.counts, width=1.0, color="#b2182b", edgecolor="white", linewidth=0.3)
     ax.set_yscale("log")
-    ticks = [i for i, edge in enumerate(hist.edges) if not math.isfinite(edge) or _power_of_two(abs(edge))]
-    ticks = [i for i in ticks if abs(hist.edges[i]) != 2.0**LOW_EXP][:: max(1, len(ticks) // 12)]
-    labels = [_edge(hist.edges[i]) for i in ticks]
-    if 0 <= ZERO_BIN - hist.first_bin < n:  # the bin of |x| < 2^LOW_EXP, labelled 0 at its middle
-        ticks, labels = [*ticks, ZERO_BIN - hist.first_bin + 0.5], [*labels, "0"]
-    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    ticks = _ticks(hist)
+    ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], rotation=45, ha="right", fontsize=8)
     ax.set_ylim(bottom=0.5)
     ax.set_xlim(0, max(n, 1))
     ax.set_xlabel("activation (bins log-spaced in magnitude)")
@@ -203,7 +250,8 @@ _PAGE_STYLE = (
     ".ms-ex{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:0.9rem;line-height:1.8;"
     "white-space:pre;overflow-x:auto;margin:0.1rem 0}"
     ".ms-ex .meta{color:#888;display:inline-block;min-width:7.5rem}"
-    ".ms-ex .tok{padding:0.1rem 0;border-right:1px solid rgba(128,128,128,0.25)}"
+    ".ms-ex .tok{padding:0.1rem 0;border-right:1px solid rgba(128,128,128,0.25);unicode-bidi:isolate}"
+    ".ms-ex .none{color:#888}"
     ".ms-ex .at{outline:2px solid #1d1d1f;font-weight:700}"
     "</style>"
 )
@@ -216,10 +264,12 @@ def example_html(example: Example, vmax: float, label: str | None = None) -> str
     tokens = example.tokens or [f"<{i}>" for i in example.token_ids]
     for p, token, piece, act in zip(example.positions, tokens, _shown(example), example.acts.tolist(), strict=True):
         known = math.isfinite(act)
-        tip = html.escape(f"ctx {example.ctx} pos {p} {token!r} = " + (f"{act:.4g}" if known else "not stored"), quote=True)
-        style = f"background:{_hex(value_rgb(act, vmax))};color:{_ink(value_rgb(act, vmax))}" if known else ""
-        cls = "tok at" if p == example.pos else "tok"
-        spans.append(f"<span class='{cls}' style='{style}' title=\"{tip}\">{html.escape(piece)}</span>")
+        value = f"{act:.4g}" if known else "not stored (not scored)"
+        tip = html.escape(f"ctx {example.ctx} pos {p} {token_label(token)} = {value}", quote=True)
+        rgb = value_rgb(act, vmax)
+        style = f" style='background:{hex_colour(rgb)};color:{ink(rgb)}'" if known else ""
+        cls = "tok" + (" at" if p == example.pos else "") + ("" if known else " none")
+        spans.append(f"<span class='{cls}'{style} title=\"{tip}\">{html.escape(piece)}</span>")
     return f"<div class='ms-ex'><span class='meta'>{meta}</span>{''.join(spans)}</div>"
 
 
@@ -249,7 +299,7 @@ def unit_page(
     vmax = examples_vmax([*examples, *(ex for s in strata for ex in s.examples)])
     sections: list[tuple[str, object]] = [
         ("Statistics", stats),
-        ("Histogram", histogram_figure(card.histogram, f"{u.name}: activation histogram")),
+        ("Histogram", histogram_html(card.histogram)),
         (f"Top {len(examples)} examples (the example's token outlined; hover for values)", examples_html(examples, vmax)),
     ]
     if strata:
@@ -258,7 +308,7 @@ def unit_page(
     sections.append(("Input tokens it fires on", table_html(["token", "mean", "max", "count"], inputs)))
     if card.promoted is not None:
         rows = [
-            [repr(a.token), f"{a.weight:+.3f}", repr(b.token), f"{b.weight:+.3f}"]
+            [token_label(a.token), f"{a.weight:+.3f}", token_label(b.token), f"{b.weight:+.3f}"]
             for a, b in zip(card.promoted, card.suppressed, strict=True)
         ]
         sections.append(

@@ -1,44 +1,55 @@
-"""A text's tokens coloured by a value per token (a neuron, a head, a direction), and attention patterns.
+"""A text's tokens coloured by a value per token (a neuron, a head, a direction).
 
-The colour scale is diverging and symmetric about zero: negative blue, positive red, white at 0,
-full colour at +-vmax (by default the largest |value| over every text shown, so several texts share
-one scale). Three forms of the token heatmap:
+The scale (`mechscope.viz.scale`): blue negative, white at 0, red positive, shared by every text
+shown, one-sided when no value is negative. The first `skip` positions of each text (the index's
+rule; SmolLM2 parks its attention there and its units take outlier values) are drawn marked as not
+scored, and are left out of the scale and of the reported max, argmax, mean and min; their values
+stay on hover and in the numbers. Pass `skip=0` to score every position. Tokens are shown as in
+`mechscope.viz.shown` (`↵` for a newline, `\\xNN` for a byte, `\\uNNNN` for an invisible character).
 
-- terminal: `token_heatmap_text`, a rich `Text`; each token's background is its colour and its
-  text black or white by luminance, so it reads the same on dark and light terminals. Newlines
-  show as `↵` (and still break the line), tabs as `→`, tokens that decode to nothing as `∅`.
-  `token_stats_table` gives max / argmax token / mean / min per text.
+- terminal: `token_heatmap_text`, each token on its colour, text black or white by luminance, so
+  it reads the same on dark and light terminals; positions not scored are dim and uncoloured.
+  Where the console shows no colour (a pipe, a file), it prints the text, then one line per
+  token: position, value, token, and the marks (max, not scored). `token_stats_table` gives max / argmax
+  token / mean / min per text.
 - HTML: `token_heatmap_html`, a self-contained snippet (inline styles, no script) for
   `viz.report.write_report`; hovering a token shows its position, text and value; with a legend.
 - PNG: `token_heatmap_png`, the tokens in wrapped lines of coloured boxes, with a colour bar.
 
-`attention_pattern_figure` (plotly, query x key with token labels, value on hover) and
-`attention_pattern_png` draw one head's attention probabilities.
-
 Functions take a `TokenValues` (from `mechscope.attribution.activations`), a list of them, or
-anything with `tokens`, `values` and `label`.
+anything with `tokens`, `values` and `label`. Attention patterns are drawn by `viz.attention`.
 """
 
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.attribution.activations import AttentionPattern, TokenValues
+from mechscope.attribution.activations import TokenValues
+from mechscope.viz.attention import attention_pattern_figure, attention_pattern_html, attention_pattern_png
 from mechscope.viz.report import save_png
+from mechscope.viz.scale import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    Scale,
+    hex_colour,
+    ink,
+    make_scale,
+    resolve_skip,
+    scored,
+    skip_note,
+    value_rgb,
+)
+from mechscope.viz.shown import PNG_FONTS, for_png, plain, position_label, shown_token, token_label
+from mechscope.viz.terminal import ColourText
 
-NEGATIVE = (33, 102, 172)  # blue, at -vmax
-POSITIVE = (178, 24, 43)  # red, at +vmax
-NEUTRAL = (255, 255, 255)  # white, at 0
-
-
-# -- colours --------------------------------------------------------------------------------------
+SKIPPED_CSS = "repeating-linear-gradient(135deg,#eeeeee 0 3px,#fafafa 3px 6px)"
+"""The background of a position not scored, in HTML."""
 
 
 def _items(values) -> list:
@@ -55,96 +66,110 @@ def _floats(item) -> list[float]:
     return [float(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
 
 
-def shared_vmax(items, vmax: float | None = None) -> float:
-    """The scale's end: `vmax` if given, else the largest finite |value| over all texts (1 if all are 0)."""
-    if vmax is not None:
-        return float(vmax)
-    m = max((abs(x) for item in _items(items) for x in _floats(item) if math.isfinite(x)), default=0.0)
-    return m if m > 0 else 1.0
+def token_scale(values, vmax: float | None = None, skip: int | None = None) -> Scale:
+    """The scale several texts share: set by their scored positions (see `viz.scale.make_scale`)."""
+    return make_scale([_floats(item) for item in _items(values)], vmax, resolve_skip(skip))
 
 
-def value_rgb(value: float, vmax: float) -> tuple[int, int, int]:
-    """The colour of `value` on the diverging scale [-vmax, vmax]; NaN is grey."""
-    if not math.isfinite(value):
-        return (160, 160, 160) if math.isnan(value) else (POSITIVE if value > 0 else NEGATIVE)
-    frac = max(-1.0, min(1.0, value / vmax)) if vmax > 0 else 0.0
-    end = POSITIVE if frac >= 0 else NEGATIVE
-    t = abs(frac)
-    return tuple(round(n + (e - n) * t) for n, e in zip(NEUTRAL, end, strict=True))
+def shared_vmax(values, vmax: float | None = None, skip: int | None = None) -> float:
+    """The scale's end: `vmax` if given, else the largest finite |value| at the scored positions (1 if all are 0)."""
+    return token_scale(values, vmax, skip).vmax
 
 
-def _hex(rgb: tuple[int, int, int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-def _ink(rgb: tuple[int, int, int]) -> str:
-    """Black or white text, whichever reads on this background."""
-    r, g, b = (c / 255 for c in rgb)
-    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-
-
-def _visible(token: str) -> str:
-    """A token as shown: newlines as `↵` (still breaking the line), tabs as `→`, an empty token as `∅`."""
-    if token == "":
-        return "∅"
-    return token.replace("\r", "␍").replace("\t", "→").replace("\n", "↵\n")
+def _argmax(vals: list[float], skip: int) -> int | None:
+    """Position of the largest scored value (the first, if tied); None if nothing is scored."""
+    counted = scored(vals, skip)
+    return vals.index(max(counted), skip) if counted else None
 
 
 # -- terminal -------------------------------------------------------------------------------------
 
 
-def token_heatmap_text(values, vmax: float | None = None, labels: bool = True, legend: bool = True) -> Text:
-    """A rich `Text`: each text's label, then its tokens on coloured backgrounds; a legend at the end."""
+def token_heatmap_text(
+    values, vmax: float | None = None, labels: bool = True, legend: bool = True, skip: int | None = None
+) -> ColourText:
+    """Each text's label, then its tokens on coloured backgrounds; a legend at the end.
+
+    Without colour (piped): the text, then one line per token with its position, value and marks.
+    """
     items = _items(values)
-    vmax = shared_vmax(items, vmax)
-    out = Text()
+    scale = token_scale(items, vmax, skip)
+    coloured, piped = Text(), Text()
     for i, item in enumerate(items):
+        vals = _floats(item)
         if i:
-            out.append("\n\n")
+            coloured.append("\n\n")
+            piped.append("\n")
         if labels and getattr(item, "label", None):
-            out.append(f"{item.label}\n", style="bold")
-        for token, value in zip(item.tokens, _floats(item), strict=True):
-            rgb = value_rgb(value, vmax)
-            style = Style(bgcolor=_hex(rgb), color=_ink(rgb))
-            for j, piece in enumerate(_visible(token).split("\n")):
+            coloured.append_text(plain(item.label, "bold") + Text("\n"))
+            piped.append_text(plain(item.label, "bold") + Text("\n"))
+        for pos, (token, value) in enumerate(zip(item.tokens, vals, strict=True)):
+            rgb = scale.rgb(value)
+            style = Style(dim=True) if pos < scale.skip else Style(bgcolor=hex_colour(rgb), color=ink(rgb))
+            for j, piece in enumerate(shown_token(token, breaks=True).split("\n")):
                 if j:
-                    out.append("\n")
+                    coloured.append("\n")
                 if piece:
-                    out.append(piece, style=style)
+                    coloured.append(piece, style=style)
+        piped.append_text(plain("".join(shown_token(t, breaks=True) for t in item.tokens)) + Text("\n"))
+        piped.append_text(_value_lines(item.tokens, vals, scale.skip))
     if legend:
-        out.append("\n\n")
-        out.append_text(legend_text(vmax))
-    return out
+        coloured.append("\n\n")
+        coloured.append_text(legend_text(scale))
+        if scale.skip:
+            piped.append("\n" + skip_note(scale.skip) + "\n")
+    return ColourText(coloured, piped)
 
 
-def legend_text(vmax: float, steps: int = 9) -> Text:
-    """The colour scale, from -vmax to +vmax, as coloured blocks with their ends labelled."""
-    text = Text(f"{-vmax:.3g} ")
-    for k in range(steps):
-        v = -vmax + 2 * vmax * k / (steps - 1)
-        text.append("  ", style=Style(bgcolor=_hex(value_rgb(v, vmax))))
-    text.append(f" {vmax:.3g}")
+def _value_lines(tokens: list[str], vals: list[float], skip: int) -> Text:
+    """One line per token: position, value, the token in quotes, and `← max` / `not scored`."""
+    top = _argmax(vals, skip)
+    lines = Text("  pos       value  token\n", style="dim")
+    for pos, (token, value) in enumerate(zip(tokens, vals, strict=True)):
+        mark = "  ← max" if pos == top else "  (not scored)" if pos < skip else ""
+        lines.append_text(Text(f"{pos:>5}  {value:>10.4g}  ") + plain(token_label(token)) + Text(mark + "\n"))
+    return lines
+
+
+def legend_text(scale: Scale | float, steps: int = 9) -> Text:
+    """The colour scale as coloured blocks with its ends labelled; then what dim tokens mean, if any are."""
+    scale = scale if isinstance(scale, Scale) else Scale(float(scale), False, 0)
+    text = Text(f"{scale.vmin:.3g} ")
+    for v in scale.stops(steps):
+        text.append("  ", style=Style(bgcolor=hex_colour(scale.rgb(v))))
+    text.append(f" {scale.vmax:.3g}")
+    if scale.skip:
+        text.append("  dim: " + skip_note(scale.skip), style="dim")
     return text
 
 
-def token_stats_table(values, title: str | None = None) -> Table:
-    """One row per text: max, the token at the max (and its position), mean, min."""
+def token_stats_table(values, title: str | None = None, skip: int | None = None) -> Table:
+    """One row per text: max, the token at the max (and its position), mean, min, over the scored positions;
+    and the largest value among the positions not scored."""
     items = _items(values)
-    table = Table(title=title, title_justify="left")
-    for name, justify in (("text", "left"), ("max", "right"), ("at", "left"), ("mean", "right"), ("min", "right")):
-        table.add_column(name, justify=justify)
+    skip = token_scale(items, skip=skip).skip
+    table = Table(title=plain(title) if title else None, title_justify="left")
+    columns = ["text", "max", "at", "mean", "min"] + ([f"max at 0–{skip - 1} (not scored)"] if skip else [])
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("text", "at") else "right")
     for item in items:
-        v = _floats(item)
-        top = max(range(len(v)), key=lambda p: v[p])
+        vals = _floats(item)
         preview = "".join(item.tokens)
         preview = preview if len(preview) <= 40 else preview[:39] + "…"
-        table.add_row(
-            repr(preview),
-            f"{v[top]:.4g}",
-            f"{top}:{item.tokens[top]!r}",
-            f"{sum(v) / len(v):.4g}",
-            f"{min(v):.4g}",
-        )
+        counted, top = scored(vals, skip), _argmax(vals, skip)
+        cells = [plain(token_label(preview))]
+        if counted:
+            cells += [
+                Text(f"{vals[top]:.4g}"),
+                plain(position_label(top, item.tokens[top])),
+                Text(f"{sum(counted) / len(counted):.4g}"),
+                Text(f"{min(counted):.4g}"),
+            ]
+        else:
+            cells += [Text("–"), Text("(too short)"), Text("–"), Text("–")]
+        if skip:
+            cells.append(Text(f"{max(vals[:skip]):.4g}" if vals[:skip] else "–"))
+        table.add_row(*cells)
     return table
 
 
@@ -154,75 +179,105 @@ _HTML_STYLE = (
     "<style>"
     ".ms-tokens{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:0.95rem;"
     "line-height:1.9;white-space:pre-wrap;word-break:break-word;margin:0.3rem 0 1rem}"
-    ".ms-tok{padding:0.1rem 0;border-right:1px solid rgba(128,128,128,0.25)}"
+    ".ms-tok{padding:0.1rem 0;border-right:1px solid rgba(128,128,128,0.25);unicode-bidi:isolate}"
+    f".ms-tok.skip{{background:{SKIPPED_CSS};color:#777}}"
     ".ms-label{font-weight:600;margin-top:0.6rem}"
-    ".ms-legend{display:flex;align-items:center;gap:0.5rem;font-size:0.85rem;margin:0.5rem 0}"
+    ".ms-legend{display:flex;align-items:center;gap:0.5rem;font-size:0.85rem;margin:0.5rem 0;flex-wrap:wrap}"
     ".ms-legend .bar{width:14rem;height:0.8rem;border:1px solid #999}"
     "</style>"
 )
 
 
-def token_heatmap_html(values, vmax: float | None = None, legend: bool = True) -> str:
+def token_heatmap_html(values, vmax: float | None = None, legend: bool = True, skip: int | None = None) -> str:
     """An HTML snippet, one block per text; each token a span coloured by its value.
 
-    Hovering a token shows `pos P 'token' = value`. Every token is escaped. Use it as a section of
+    Hovering a token shows `pos P 'token' = value`. Every token is escaped; each is its own
+    bidirectional island, so tokens keep their order whatever their script. Use it as a section of
     `write_report(path, title, [(heading, token_heatmap_html(tv))])`.
     """
     items = _items(values)
-    vmax = shared_vmax(items, vmax)
+    scale = token_scale(items, vmax, skip)
     parts = [_HTML_STYLE]
     for item in items:
         if getattr(item, "label", None):
             parts.append(f"<div class='ms-label'>{html.escape(str(item.label))}</div>")
         spans = []
         for pos, (token, value) in enumerate(zip(item.tokens, _floats(item), strict=True)):
-            rgb = value_rgb(value, vmax)
-            tip = html.escape(f"pos {pos} {token!r} = {value:.4g}", quote=True)
-            shown = html.escape(_visible(token)).replace("\n", "<br>")
-            spans.append(f"<span class='ms-tok' style='background:{_hex(rgb)};color:{_ink(rgb)}' title=\"{tip}\">{shown}</span>")
+            skipped = pos < scale.skip
+            tip = html.escape(f"pos {pos} {token_label(token)} = {value:.4g}" + (" (not scored)" if skipped else ""), quote=True)
+            shown = html.escape(shown_token(token, breaks=True)).replace("\n", "<br>")
+            rgb = scale.rgb(value)
+            look = "class='ms-tok skip'" if skipped else f"class='ms-tok' style='background:{hex_colour(rgb)};color:{ink(rgb)}'"
+            spans.append(f'<span {look} title="{tip}">{shown}</span>')
         parts.append(f"<div class='ms-tokens'>{''.join(spans)}</div>")
     if legend:
-        stops = ",".join(_hex(value_rgb(-vmax + 2 * vmax * k / 8, vmax)) for k in range(9))
+        stops = ",".join(hex_colour(scale.rgb(v)) for v in scale.stops())
         parts.append(
-            f"<div class='ms-legend'><span>{-vmax:.3g}</span>"
+            f"<div class='ms-legend'><span>{scale.vmin:.3g}</span>"
             f"<span class='bar' style='background:linear-gradient(to right,{stops})'></span>"
-            f"<span>{vmax:.3g}</span><span>(0 is white)</span></div>"
+            f"<span>{scale.vmax:.3g}</span><span>(0 is white; hover a token for its value)</span>"
+            + (
+                f"<span><span class='ms-tok skip'>&nbsp;grey&nbsp;</span> {html.escape(skip_note(scale.skip))}</span>"
+                if scale.skip
+                else ""
+            )
+            + "</div>"
         )
     return "<div class='ms-token-heatmap'>" + "".join(parts) + "</div>"
 
 
 # -- PNG ------------------------------------------------------------------------------------------
 
+FONT_SIZE = 11
+ROW_IN = 1.9 * FONT_SIZE / 72  # height of a line of tokens, inches
 
-def _colormap(vmax: float):
+
+def _colormap(scale: Scale):
     from matplotlib.colors import LinearSegmentedColormap, Normalize
 
-    colours = [tuple(c / 255 for c in rgb) for rgb in (NEGATIVE, NEUTRAL, POSITIVE)]
-    return LinearSegmentedColormap.from_list("mechscope_diverging", colours), Normalize(-vmax, vmax)
+    ends = (NEUTRAL, POSITIVE) if scale.one_sided else (NEGATIVE, NEUTRAL, POSITIVE)
+    colours = [tuple(c / 255 for c in rgb) for rgb in ends]
+    return LinearSegmentedColormap.from_list("mechscope_scale", colours), Normalize(scale.vmin, scale.vmax)
 
 
-def _wrap(tokens: Sequence[str], width: int) -> list[list[tuple[int, str, int]]]:
-    """Lines of (position, shown text, column) with at most `width` characters a line; newlines break lines."""
-    lines: list[list[tuple[int, str, int]]] = [[]]
-    col = 0
-    for pos, token in enumerate(tokens):
-        pieces = _visible(token).split("\n")
-        for j, piece in enumerate(pieces):
-            if j:
-                lines.append([])
-                col = 0
-            if not piece:
-                continue
-            if col and col + len(piece) > width:
-                lines.append([])
-                col = 0
-            lines[-1].append((pos, piece, col))
-            col += len(piece)
+def _measure(pieces: set[str]) -> dict[str, float]:
+    """Each piece's drawn width in inches, in the PNG's fonts (emoji and scripts are not one character wide)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    prop, ttp = FontProperties(family=list(PNG_FONTS), size=FONT_SIZE), TextToPath()
+    return {p: ttp.get_text_width_height_descent(p, prop, ismath=False)[0] / 72 for p in pieces}
+
+
+def _wrap(tokens, width_in: float) -> list[list[tuple[int, str, float, float]]]:
+    """Lines of (position, piece, x, width) in inches, at most `width_in` wide; newlines break lines."""
+    pieces = [(pos, for_png(piece)) for pos, t in enumerate(tokens) for piece in shown_token(t, breaks=True).split("\n")]
+    widths = _measure({p for _, p in pieces})
+    lines: list[list[tuple[int, str, float, float]]] = [[]]
+    x, last = 0.0, -1
+    for pos, piece in pieces:
+        if pos == last:  # the piece after a newline of the same token
+            lines.append([])
+            x = 0.0
+        last = pos
+        if not piece:
+            continue
+        w = widths[piece]
+        if x and x + w > width_in:
+            lines.append([])
+            x = 0.0
+        lines[-1].append((pos, piece, x, w))
+        x += w
     return lines
 
 
-def token_heatmap_png(values, path: str | Path, vmax: float | None = None, width: int = 80, title: str | None = None) -> Path:
-    """Save the tokens as wrapped lines of coloured boxes (one block per text, shared scale) with a colour bar."""
+def token_heatmap_png(
+    values, path: str | Path, vmax: float | None = None, width: int = 80, title: str | None = None, skip: int | None = None
+) -> Path:
+    """Save the tokens as wrapped lines of coloured boxes (one block per text, shared scale) with a colour bar.
+
+    Lines wrap at `width` monospace characters; the figure is as wide as its longest line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,147 +286,68 @@ def token_heatmap_png(values, path: str | Path, vmax: float | None = None, width
     from matplotlib.patches import Rectangle
 
     items = _items(values)
-    vmax = shared_vmax(items, vmax)
-    blocks = [(item, _wrap(item.tokens, width)) for item in items]
-    n_rows = sum(len(lines) + 1.5 for _, lines in blocks)
-    font = 11
-    char_in, row_in = 0.62 * font / 72, 1.9 * font / 72
-    longest = max((col + len(piece) for _, lines in blocks for line in lines for _, piece, col in line), default=0)
-    cols = max(min(width, longest), *(len(str(getattr(item, "label", ""))) for item in items), 36)
-    fig_w, fig_h = cols * char_in + 0.6, n_rows * row_in + 1.15 + (0.35 if title else 0)
+    scale = token_scale(items, vmax, skip)
+    char_in = 0.6021 * FONT_SIZE / 72
+    blocks = [(item, _floats(item), _wrap(item.tokens, width * char_in)) for item in items]
+    n_rows = sum(len(lines) + 1.5 for *_, lines in blocks)
+    longest = max((x + w for *_, lines in blocks for line in lines for _, _, x, w in line), default=0.0)
+    labels = [len(str(getattr(item, "label", "") or "")) * char_in * 1.1 for item in items]
+    note = f"hatched: {skip_note(scale.skip)}" if scale.skip else ""
+    if note:
+        high = max(v for item in items for v in _floats(item)[: scale.skip])
+        note += f" (largest there: {high:.3g})"
+    content_w = max(longest, *labels, 36 * char_in, len(note) * char_in * 0.85)
+    notes = 1 if note else 0
+    fig_w, fig_h = content_w + 0.6, n_rows * ROW_IN + 1.15 + 0.3 * notes + (0.35 if title else 0)
     fig = plt.figure(figsize=(fig_w, fig_h))
-    ax = fig.add_axes((0.3 / fig_w, 0.95 / fig_h, cols * char_in / fig_w, n_rows * row_in / fig_h))
-    ax.set_xlim(0, cols)
+    bottom = 0.95 + 0.3 * notes
+    ax = fig.add_axes((0.3 / fig_w, bottom / fig_h, content_w / fig_w, n_rows * ROW_IN / fig_h))
+    ax.set_xlim(0, content_w)
     ax.set_ylim(n_rows, 0)
     ax.axis("off")
+    text_style = dict(fontsize=FONT_SIZE, family=list(PNG_FONTS), va="center", ha="left", parse_math=False)
     row = 0.0
-    for item, lines in blocks:
+    for item, vals, lines in blocks:
         if getattr(item, "label", None):
-            ax.text(0, row + 0.75, str(item.label), fontsize=font, fontweight="bold", va="center", parse_math=False)
+            ax.text(0, row + 0.75, for_png(str(item.label)), fontsize=FONT_SIZE, fontweight="bold", va="center", parse_math=False)
         row += 1.2
-        vals = _floats(item)
         for line in lines:
-            for pos, piece, col in line:
-                rgb = value_rgb(vals[pos], vmax)
-                ax.add_patch(
-                    Rectangle((col, row + 0.08), len(piece), 0.84, facecolor=_hex(rgb), edgecolor="#bbbbbb", linewidth=0.4)
-                )
-                ax.text(
-                    col,
-                    row + 0.52,
-                    piece,
-                    fontsize=font,
-                    family="monospace",
-                    color=_ink(rgb),
-                    va="center",
-                    ha="left",
-                    parse_math=False,
-                )
+            for pos, piece, x, w in line:
+                if pos < scale.skip:
+                    box = dict(facecolor="#f2f2f2", edgecolor="#bbbbbb", hatch="////", linewidth=0.4)
+                    ink_colour = "#666666"
+                else:
+                    rgb = scale.rgb(vals[pos])
+                    box = dict(facecolor=hex_colour(rgb), edgecolor="#bbbbbb", linewidth=0.4)
+                    ink_colour = ink(rgb)
+                ax.add_patch(Rectangle((x, row + 0.08), w, 0.84, **box))
+                ax.text(x, row + 0.52, piece, color=ink_colour, **text_style)
             row += 1
         row += 0.3
-    cmap, norm = _colormap(vmax)
-    cax = fig.add_axes((0.55 / fig_w, 0.35 / fig_h, min(4.0, cols * char_in - 0.6) / fig_w, 0.15 / fig_h))
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", ticks=[-vmax, 0, vmax])
+    cmap, norm = _colormap(scale)
+    cax = fig.add_axes((0.55 / fig_w, (0.35 + 0.3 * notes) / fig_h, min(4.0, content_w - 0.6) / fig_w, 0.15 / fig_h))
+    ticks = [0, scale.vmax / 2, scale.vmax] if scale.one_sided else [-scale.vmax, 0, scale.vmax]
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", ticks=ticks, format="%.3g")
+    if note:
+        fig.text(0.3 / fig_w, 0.12 / fig_h, note, fontsize=FONT_SIZE - 2, color="#444444", va="bottom", parse_math=False)
     if title:
-        fig.suptitle(title, x=0.3 / fig_w, y=1 - 0.1 / fig_h, va="top", ha="left", fontsize=font + 1, parse_math=False)
-    return save_png(fig, path)
-
-
-# -- attention patterns ---------------------------------------------------------------------------
-
-
-def _pattern_args(tokens, pattern, title):
-    if isinstance(tokens, AttentionPattern):
-        return tokens.tokens, tokens.pattern, title or tokens.label
-    if pattern is None:
-        raise ValueError("give an AttentionPattern, or tokens and a [q, k] pattern")
-    return list(tokens), pattern, title or "attention pattern"
-
-
-def _grid(pattern) -> list[list[float]]:
-    rows = pattern.tolist() if hasattr(pattern, "tolist") else [list(r) for r in pattern]
-    return [[float(x) for x in r] for r in rows]
-
-
-def _no_math(label: str) -> str:
-    """matplotlib reads text between two `$` as mathtext; escape them so tokens show as they are."""
-    return label.replace("$", r"\$")
-
-
-def _axis_labels(tokens: Sequence[str]) -> list[str]:
-    """Unique category labels (the position keeps repeated tokens apart)."""
-    return [f"{p}:{t!r}"[:20] for p, t in enumerate(tokens)]
-
-
-def attention_pattern_figure(tokens, pattern=None, title: str | None = None):
-    """A plotly heatmap of attention probabilities: queries down, keys across, token labels, value on hover.
-
-    Pass an `AttentionPattern`, or the tokens and a [q, k] pattern.
-    """
-    import plotly.graph_objects as go
-
-    tokens, pattern, title = _pattern_args(tokens, pattern, title)
-    z = _grid(pattern)
-    # plotly reads tags and entities in labels and hover text: escape the tokens so they show as they are
-    labels = [html.escape(label) for label in _axis_labels(tokens)]
-    shown = [html.escape(repr(t)) for t in tokens]
-    hover = [[f"query {q} {shown[q]} → key {k} {shown[k]}<br>{row[k]:.4g}" for k in range(len(row))] for q, row in enumerate(z)]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=labels,
-            y=labels,
-            hovertext=hover,
-            hoverinfo="text",
-            colorscale="Blues",
-            zmin=0,
-            zmax=1,
-            colorbar={"title": "p"},
+        fig.suptitle(
+            for_png(title), x=0.3 / fig_w, y=1 - 0.1 / fig_h, va="top", ha="left", fontsize=FONT_SIZE + 1, parse_math=False
         )
-    )
-    side = max(420, 24 * len(tokens) + 200)
-    fig.update_layout(
-        title=title,
-        xaxis={"title": "key (attended to)", "type": "category", "tickangle": -45},
-        yaxis={"title": "query (attending)", "type": "category", "autorange": "reversed"},
-        width=side + 120,
-        height=side,
-    )
-    return fig
-
-
-def attention_pattern_png(tokens, path: str | Path, pattern=None, title: str | None = None) -> Path:
-    """Save an attention pattern (an `AttentionPattern`, or tokens and a [q, k] pattern) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens, pattern, title = _pattern_args(tokens, pattern, title)
-    z = _grid(pattern)
-    labels = [_no_math(label) for label in _axis_labels(tokens)]
-    side = 2.5 + 0.28 * len(tokens)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
-    image = ax.imshow(z, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_xlabel("key (attended to)")
-    ax.set_ylabel("query (attending)")
-    ax.set_title(title, parse_math=False)
-    fig.colorbar(image, ax=ax, label="p", shrink=0.8)
-    fig.tight_layout()
     return save_png(fig, path)
 
 
 __all__ = [
     "TokenValues",
     "attention_pattern_figure",
+    "attention_pattern_html",
     "attention_pattern_png",
     "legend_text",
     "shared_vmax",
     "token_heatmap_html",
     "token_heatmap_png",
     "token_heatmap_text",
+    "token_scale",
     "token_stats_table",
     "value_rgb",
 ]
