@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from mechscope.attribution.interventions import Intervention, resolve, writes
+from mechscope.attribution.interventions import Intervention, Steering, resolve, writes
 from mechscope.errors import MechscopeError
 from mechscope.lens.predict import (
     Prediction,
@@ -157,7 +157,8 @@ def _greedy(model: Model, prompts: list, interventions: list[Intervention] | Non
 
 def _depends_on_prompt(iv: Intervention) -> bool:
     """Whether an intervention means something different for each prompt (positions, or the prompt's own mean)."""
-    return iv.positions is not None or (iv.op == "mean" and iv.reference is None and iv.means is None)
+    own_mean = isinstance(iv, Intervention) and iv.op == "mean" and iv.reference is None and iv.means is None
+    return iv.positions is not None or own_mean
 
 
 @torch.inference_mode()
@@ -177,8 +178,13 @@ def generate(
     if max_new_tokens < 1:
         raise MechscopeError(f"max_new_tokens={max_new_tokens} is invalid: generate at least 1 token")
     items, single = split_inputs(text)
-    model.encode(items)  # one-line errors for bad prompts before any work
-    interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    longest = max(model.encode(items).lengths)  # one-line errors for bad prompts before any work
+    if max_new_tokens > model.n_ctx - longest:
+        raise MechscopeError(
+            f"max_new_tokens={max_new_tokens} does not fit: the model's context of {model.n_ctx} tokens leaves room for "
+            f"{model.n_ctx - longest} after a prompt of {longest}"
+        )
+    interventions = [interventions] if isinstance(interventions, Intervention | Steering) else list(interventions)
     plain = _greedy(model, items, None, max_new_tokens)
     if any(_depends_on_prompt(iv) for iv in interventions):
         steered = [_greedy(model, [item], resolve(model, interventions, model.to_ids(item)), max_new_tokens)[0] for item in items]

@@ -30,6 +30,7 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -146,14 +147,50 @@ class Intervention:
         return text + ("" if self.positions is None else f" at positions {list(self.positions)}")
 
 
-def _check_positions(iv: Intervention, n_prompt: int | None) -> tuple[int, ...] | None:
-    if iv.positions is None:
+class Steering:
+    """Base of interventions defined outside this module (a dictionary feature's steering, for one).
+
+    A subclass has `positions` (None, or prompt positions as for `Intervention`), checks itself against
+    the model and the prompt in `resolved`, and says in `site_edits` what to do at which sites: one
+    out-of-place function per site, flagged `positional` where it applies only at `positions` (an
+    edit that only records a value for a later site applies at every position).
+    """
+
+    positions: tuple[int, ...] | None = None
+
+    def resolved(self, model: Model, n_prompt: int | None) -> Steering:
+        raise NotImplementedError
+
+    def site_edits(self, model: Model) -> dict[str, Edit]:
+        raise NotImplementedError
+
+
+def positional(edit: Edit) -> Edit:
+    """Mark a steering edit as applying only at the steering's positions."""
+    edit.positional = True
+    return edit
+
+
+class SiteEdit(NamedTuple):
+    """One steering edit at one site, and the prompt positions it applies at (None: all)."""
+
+    edit: Edit
+    positions: tuple[int, ...] | None
+
+
+def check_positions(positions: tuple[int, ...] | None, n_prompt: int | None) -> tuple[int, ...] | None:
+    """Positions made absolute against a prompt of `n_prompt` tokens (one-line error when out of range)."""
+    if positions is None:
         return None
     if n_prompt is None:
-        if any(p < 0 for p in iv.positions):
-            raise MechscopeError(f"negative positions {list(iv.positions)} need the prompt: pass ids to resolve()")
-        return iv.positions
-    return tuple(sorted({check_position(p, n_prompt) for p in iv.positions}))
+        if any(p < 0 for p in positions):
+            raise MechscopeError(f"negative positions {list(positions)} need the prompt: pass ids to resolve()")
+        return positions
+    return tuple(sorted({check_position(p, n_prompt) for p in positions}))
+
+
+def _check_positions(iv: Intervention, n_prompt: int | None) -> tuple[int, ...] | None:
+    return check_positions(iv.positions, n_prompt)
 
 
 def _values(iv: Intervention, n: int) -> tuple[float, ...]:
@@ -179,11 +216,14 @@ def unit_means(model: Model, units: Sequence[Unit], reference: Inputs) -> list[T
 def resolve(model: Model, interventions: Intervention | Iterable[Intervention], ids: Tensor | None = None) -> list[Intervention]:
     """Check every intervention against the model and the prompt `ids` ([1, pos]), parse its units, and
     compute the means of mean ablations. One-line error on the first bad one."""
-    if isinstance(interventions, Intervention):
+    if isinstance(interventions, Intervention | Steering):
         interventions = [interventions]
     n_prompt = None if ids is None else ids.shape[-1]
     resolved = []
     for iv in interventions:
+        if isinstance(iv, Steering):
+            resolved.append(iv.resolved(model, n_prompt))
+            continue
         if not isinstance(iv, Intervention):
             raise MechscopeError(f"not an intervention: {iv!r}; build one with Intervention.set / scale / add / zero / ...")
         positions = _check_positions(iv, n_prompt)
@@ -272,11 +312,11 @@ class _SiteEdit:
                 mask = torch.tensor(inside, dtype=torch.long, device=x.device)
                 if not len(mask):
                     continue
-            new = out.clone()
-            if iv.op in UNIT_OPS:
-                _unit_edit(iv, new)
+            if isinstance(iv, SiteEdit):
+                new = iv.edit(out)
             else:
-                _direction_edit(iv, new)
+                new = out.clone()
+                _unit_edit(iv, new) if iv.op in UNIT_OPS else _direction_edit(iv, new)
             if mask is None:
                 out = new
             else:
@@ -293,9 +333,12 @@ def writes(model: Model, interventions: Iterable[Intervention], ids: Tensor | No
 
     >>> out = model.run(text, write=writes(model, [Intervention.zero("12:345")]))
     """
-    by_site: dict[str, list[Intervention]] = defaultdict(list)
+    by_site: dict[str, list[Intervention | SiteEdit]] = defaultdict(list)
     for iv in resolve(model, interventions, ids):
-        if iv.op in UNIT_OPS:
+        if isinstance(iv, Steering):
+            for site, edit in iv.site_edits(model).items():
+                by_site[model.site(site).name].append(SiteEdit(edit, iv.positions if edit.positional else None))
+        elif iv.op in UNIT_OPS:
             groups: dict[str, list[Unit]] = defaultdict(list)
             for unit in iv.units:
                 groups[unit.site.name].append(unit)

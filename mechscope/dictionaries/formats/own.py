@@ -81,7 +81,7 @@ def load_dictionary(folder: str | Path, model=None) -> Dictionary:
     dictionary.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()})
     if model is not None:
         check_model(dictionary, model)
-    return dictionary.eval()
+    return dictionary.eval().requires_grad_(False)
 
 
 def check_model(dictionary: Dictionary, model) -> None:

@@ -1,0 +1,217 @@
+"""Dictionary commands: harvest, train-dict, eval-dict, find-feature, steer.
+
+`register(app)` adds them to the `mechscope` command; they follow its conventions (`cli_common`):
+numbers and output paths are checked before the model loads, errors are one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mechscope.cli_common import check_folder, check_output, check_range, literal, shown
+from mechscope.cli_options import with_options
+from mechscope.dictionaries.train import TrainConfig
+from mechscope.errors import MechscopeError
+
+console = Console()
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
+MAX_TOKENS = 10**10
+
+
+def _load(model: str):
+    import mechscope
+
+    return mechscope.load(model)
+
+
+def _dictionary(folder: str, m):
+    from mechscope.dictionaries import load_dictionary
+
+    return load_dictionary(folder, model=m)
+
+
+def harvest(
+    sites: Annotated[list[str], typer.Argument(help="Sites to store, e.g. blocks.15.hook_resid_post (several: one width).")],
+    out: Annotated[Path, typer.Option(help="Folder of the store (created; an existing store is continued).")],
+    tokens: Annotated[int, typer.Option(help="Tokens to store (rounded up to whole shards).")] = 1_000_000,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    corpus: Annotated[
+        str | None, typer.Option(help="builtin (default), builtin:source, builtin:all, a file or folder, or hf:NAME.")
+    ] = None,
+    ctx_len: Annotated[int, typer.Option(help="Tokens per context, the start token included.")] = 128,
+    shard_contexts: Annotated[int, typer.Option(help="Contexts per shard.")] = 256,
+    model: ModelOpt = "default",
+):
+    """Write site activations to a disk store (safetensors shards + manifest) for dictionary training; resumable."""
+    from mechscope.activations import HarvestSettings, StreamSpec
+    from mechscope.activations import harvest as run_harvest
+
+    check_range("--tokens", tokens, 1, MAX_TOKENS)
+    check_range("--ctx-len", ctx_len, 8, 8192)
+    check_range("--shard-contexts", shard_contexts, 1, 100_000)
+    check_folder("--out", out)
+    settings = HarvestSettings(tokens=tokens, dtype=dtype, shard_contexts=shard_contexts)
+    m = _load(model)
+    check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
+    manifest = run_harvest(m, StreamSpec(tuple(sites), corpus, ctx_len=ctx_len), out, settings)
+    console.print(
+        f"store {shown(out)}: {manifest['tokens']:,} tokens of {shown(', '.join(manifest['sites']))} "
+        f"({manifest['dtype']}, {len(manifest['shards'])} shards; the first {manifest['skip']} positions of each context skipped)"
+    )
+
+
+@with_options(TrainConfig)
+def train_dict(
+    out: Annotated[Path, typer.Option(help="Folder for the run: checkpoint, metrics.jsonl, curves and dictionary/.")],
+    png: Annotated[bool, typer.Option(help="Plot the training curves to OUT/curves.png at the end.")] = True,
+    model: ModelOpt = "default",
+    config: TrainConfig = None,
+):
+    """Train a sparse dictionary (SAE, transcoder, crosscoder) on the model's activations; resumes OUT/checkpoint."""
+    from mechscope.dictionaries import train_dictionary
+    from mechscope.viz.dict_plots import read_metrics, training_curves_png
+
+    check_range("--tokens", config.tokens, 1, MAX_TOKENS)
+    check_range("--batch-size", config.batch_size, 1, 1 << 20)
+    check_folder("--out", out)
+    m = _load(model)
+    d = train_dictionary(m, config, out)
+    log = read_metrics(out / "metrics.jsonl")
+    last = log[-1]
+    fvu, l0 = last.get("eval_fvu", float("nan")), last.get("eval_l0", float("nan"))
+    console.print(
+        f"dictionary {shown(out / 'dictionary')}: {d.cfg.kind}, {d.d_sae:,} latents ({d.cfg.activation}) on "
+        f"{shown(', '.join(d.cfg.read_sites))} · {last['tokens']:,} tokens · held-out FVU {fvu:.4f} · L0 {l0:.1f}"
+        f" · dead {last['dead']:.1%}"
+    )
+    if png:
+        training_curves_png(log, out / "curves.png", title=f"{m.name} · {', '.join(d.cfg.read_sites)}")
+        console.print(f"curves: {shown((out / 'curves.png').resolve())}")
+
+
+def eval_dict(
+    folder: Annotated[str, typer.Argument(help="A dictionary folder (OUT/dictionary of train-dict).")],
+    tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on.")] = 32_768,
+    corpus: Annotated[str, typer.Option(help="Corpus whose held-out documents (every 20th) are read.")] = "builtin:all",
+    ablation: Annotated[str, typer.Option(help="What CE-loss recovered compares with: zero or mean ablation.")] = "zero",
+    ctx_len: Annotated[int, typer.Option(help="Tokens per context, the start token included.")] = 128,
+    png: Annotated[Path | None, typer.Option(help="Write the feature-density histogram here (a .png file).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    model: ModelOpt = "default",
+):
+    """FVU, L0, dead and dense fractions, CE-loss recovered, delta CE and KL of a dictionary on held-out text."""
+    from mechscope.dictionaries.evaluate import ABLATIONS, evaluate_dictionary
+    from mechscope.viz.dict_plots import density_histogram_png
+
+    check_range("--tokens", tokens, 1, 10_000_000)
+    if ablation not in ABLATIONS:
+        raise MechscopeError(f"--ablation {ablation!r} is not valid: give zero or mean")
+    check_range("--ctx-len", ctx_len, 8, 8192)
+    png = check_output("--png", png, ".png")
+    m = _load(model)
+    check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
+    d = _dictionary(folder, m)
+    check_range("--ctx-len", ctx_len, d.cfg.skip_positions + 2, m.n_ctx, f" (the first {d.cfg.skip_positions} are skipped)")
+    result = evaluate_dictionary(m, d, corpus, tokens=tokens, ctx_len=ctx_len, ablation=ablation, show_progress=True)
+    if png:
+        density_histogram_png(result.density, png, title=str(folder))
+    if as_json:
+        print(json.dumps(result.summary(), indent=1))
+        return
+    table = Table(title=literal(f"{folder} on {result.tokens:,} held-out tokens"), title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in result.summary().items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else literal(str(value)))
+    console.print(table)
+    console.print(f"the first {result.skip} positions of each context are left out of every figure")
+    if png:
+        console.print(f"density histogram: {shown(png.resolve())}")
+
+
+def find_feature(
+    texts: Annotated[list[str], typer.Argument(help="Texts that mention the concept; mark its words as [[...]] if you like.")],
+    dictionary: Annotated[str, typer.Option("--dict", help="A dictionary folder.")],
+    vs: Annotated[list[str], typer.Option(help="Texts that do not mention it (default: held-out corpus text).")] = None,
+    top: Annotated[int, typer.Option(help="Features to list.")] = 10,
+    model: ModelOpt = "default",
+):
+    """Rank a dictionary's features by how selectively they fire on a concept's texts."""
+    from mechscope.dictionaries.find import find_features
+
+    check_range("--top", top, 1, 1000)
+    m = _load(model)
+    found = find_features(m, _dictionary(dictionary, m), texts, vs or None, top=top)
+    table = Table(title=literal(f"features of {dictionary} for the concept"), title_justify="left")
+    for column in ("feature", "score", "coverage", "on the concept", "elsewhere"):
+        table.add_column(column, justify="right")
+    for f in found:
+        table.add_row(str(f.feature), f"{f.score:.3f}", f"{f.coverage:.0%}", f"{f.concept:.3f}", f"{f.elsewhere:.3f}")
+    console.print(table)
+
+
+def _feature_spec(spec: str, option: str) -> tuple[str, int, float | None]:
+    """DIR:F or DIR:F=VALUE."""
+    left, _, value = spec.partition("=")
+    folder, _, feature = left.rpartition(":")
+    if not folder or not feature.lstrip("-").isdigit():
+        raise MechscopeError(f"{option} {spec!r} is not valid: write DIR:FEATURE or DIR:FEATURE=VALUE, e.g. sae/dictionary:123=8")
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        raise MechscopeError(f"{option} {spec!r} is not valid: {value!r} is not a number") from None
+    return folder, int(feature), number
+
+
+def steer(
+    text: Annotated[str, typer.Argument(help="The prompt.")],
+    feature: Annotated[
+        list[str], typer.Option(help="DIR:F=COEF: add COEF x the feature's decoder direction (with --clamp: set it).")
+    ] = None,
+    ablate: Annotated[list[str], typer.Option(help="DIR:F: ablate the feature (its reconstruction error kept).")] = None,
+    clamp: Annotated[bool, typer.Option(help="Clamp each --feature's activation to its value instead of adding.")] = False,
+    pos: Annotated[
+        list[int], typer.Option(help="Prompt positions to steer at (default: every position, new tokens too).")
+    ] = None,
+    generate: Annotated[int, typer.Option(help="New tokens to generate with and without.")] = 30,
+    model: ModelOpt = "default",
+):
+    """Generate from TEXT with and without steering dictionary features, side by side."""
+    from mechscope.attribution import generate as run_generate
+    from mechscope.dictionaries.steer import FeatureSteer
+
+    if not feature and not ablate:
+        raise MechscopeError("no steering given: use --feature DIR:F=COEF (add, or set with --clamp) or --ablate DIR:F")
+    check_range("--generate", generate, 1, 1000)
+    specs = [(_feature_spec(s, "--feature"), "clamp" if clamp else "add") for s in feature or []]
+    specs += [(_feature_spec(s, "--ablate"), "ablate") for s in ablate or []]
+    for (folder, _, value), op in specs:
+        if op != "ablate" and value is None:
+            raise MechscopeError(f"--feature {folder}:... needs a value: write DIR:F=COEF")
+    m = _load(model)
+    check_range("--generate", generate, 1, m.n_ctx - m.to_ids(text).shape[1], " (the model's context, less the prompt)")
+    loaded: dict[str, object] = {}
+    steers = []
+    for (folder, index, value), op in specs:
+        d = loaded.setdefault(folder, _dictionary(folder, m))
+        steers.append(FeatureSteer(d, index, op, value or 0.0, tuple(pos) if pos else None, name=folder))
+    g = run_generate(m, text, steers, max_new_tokens=generate)
+    console.print("steering: " + shown("; ".join(str(s) for s in steers)))
+    table = Table(show_lines=True)
+    table.add_column("without")
+    table.add_column("with")
+    table.add_row(literal(text + g.before), literal(text + g.after))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the dictionary commands to `app`."""
+    for fn, name in ((harvest, "harvest"), (train_dict, "train-dict"), (eval_dict, "eval-dict"),
+                     (find_feature, "find-feature"), (steer, "steer")):  # fmt: skip
+        app.command(name=name)(fn)

@@ -1,0 +1,189 @@
+"""Using a trained dictionary: evaluation against an independent computation, steering against a manual
+re-computation, finding a concept's features, and the dictionary commands end to end.
+
+Runs on the tiny Llama with a real tokenizer (`conftest.tiny_lm`), saved to a folder for the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import pytest
+import torch
+from conftest import tiny_lm
+from rich.console import Console
+from test_train_dict import config
+
+import mechscope
+from mechscope import cli, cli_dict
+from mechscope.attribution import generate, intervene
+from mechscope.dictionaries import load_dictionary, train_dictionary
+from mechscope.dictionaries.evaluate import evaluate_dictionary
+from mechscope.dictionaries.find import find_features
+from mechscope.dictionaries.steer import FeatureSteer
+from mechscope.errors import MechscopeError
+
+SITE = "blocks.1.hook_resid_post"
+TEXT = "The reliability of Wikipedia is very"
+
+
+@functools.cache
+def trained(tmp_root: str):
+    train_dictionary(tiny_lm(), config(), f"{tmp_root}/run", show_progress=False)
+    return load_dictionary(f"{tmp_root}/run/dictionary", model=tiny_lm())
+
+
+@pytest.fixture(scope="module")
+def sae(tmp_path_factory):
+    return trained(str(tmp_path_factory.mktemp("sae")))
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_lm().hf.save_pretrained(folder)
+    tiny_lm().tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_evaluation_matches_a_direct_computation(sae):
+    """One batch of held-out contexts, every figure recomputed here from the model's own forward passes."""
+    from mechscope.data import corpus, held_out, pack
+
+    m = tiny_lm()
+    r = evaluate_dictionary(m, sae, "builtin", tokens=4 * 28, ctx_len=32, batch_contexts=4)
+    assert r.tokens == 4 * 28 and r.skip == 4 and len(r.density) == sae.d_sae and r.l0 == pytest.approx(4)
+    ids = next(pack(held_out(corpus("builtin"))[1], m.tokenizer, 32, seed=0, batch_size=4)).tokens
+    clean = m.run(ids, read=[SITE], logits=True)
+    x = clean.cache[SITE][:, 4:]
+    recon = sae(x.reshape(-1, 32)).recon.reshape(x.shape)
+    fvu = ((x - recon).double() ** 2).sum() / ((x.reshape(-1, 32) - x.reshape(-1, 32).mean(0)).double() ** 2).sum()
+    assert r.fvu == pytest.approx(float(fvu), rel=1e-5)
+
+    def put(value):
+        def write(v):
+            v = v.clone()
+            v[:, 4:] = value
+            return v
+
+        return {SITE: write}
+
+    def ce(logits):  # positions 4..30 predict 5..31
+        logp = logits[:, 4:-1].log_softmax(-1)
+        return -logp.gather(-1, ids[:, 5:, None]).mean()
+
+    spliced = m.run(ids, write=put(recon), logits=True).logits
+    ablated = m.run(ids, write=put(torch.zeros_like(x)), logits=True).logits
+    assert r.ce_clean == pytest.approx(float(ce(clean.logits)), rel=1e-5)
+    assert r.ce_spliced == pytest.approx(float(ce(spliced)), rel=1e-5)
+    assert r.ce_ablated == pytest.approx(float(ce(ablated)), rel=1e-5)
+    p, q = clean.logits[:, 4:-1].log_softmax(-1), spliced[:, 4:-1].log_softmax(-1)
+    assert r.kl == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-4)
+    assert r.ce_recovered == pytest.approx((r.ce_ablated - r.ce_spliced) / (r.ce_ablated - r.ce_clean))
+
+
+def test_steering_matches_a_manual_recomputation(sae):
+    m = tiny_lm()
+    x = m.run(TEXT, read=[SITE]).cache[SITE][0]
+    feature = int(sae.encode_dense(x)[-1].argmax())
+    f = sae.encode_dense(x)[..., feature]
+    direction = sae.W_dec[feature].detach()
+    ablated = m.run(TEXT, write={SITE: lambda v: v - f[None, :, None] * direction}).logits[0, -1].log_softmax(-1)
+    r = intervene(m, TEXT, FeatureSteer.ablate(sae, feature), k=5)
+    assert r.after.top[0].logprob == pytest.approx(float(ablated[r.after.top[0].id]), abs=1e-5)
+    clamped = m.run(TEXT, write={SITE: lambda v: v + (3.0 - f[None, :, None]) * direction}).logits[0, -1].log_softmax(-1)
+    r = intervene(m, TEXT, FeatureSteer.clamp(sae, feature, 3.0), k=5)
+    assert r.after.top[0].logprob == pytest.approx(float(clamped[r.after.top[0].id]), abs=1e-5)
+    added = m.run(TEXT, write={SITE: lambda v: v + 5.0 * direction}).logits[0, -1].log_softmax(-1)
+    r = intervene(m, TEXT, FeatureSteer.add(sae, feature, 5.0), k=5)
+    assert r.after.top[0].logprob == pytest.approx(float(added[r.after.top[0].id]), abs=1e-5)
+    g = generate(m, TEXT, [FeatureSteer.add(sae, feature, 50.0)], max_new_tokens=4)
+    assert g.before_ids != g.after_ids
+
+
+def test_steering_bad_input(sae):
+    with pytest.raises(MechscopeError, match="feature 999 out of range: dictionary has features 0..127"):
+        intervene(tiny_lm(), TEXT, FeatureSteer.add(sae, 999, 1.0))
+    other = mechscope.load(tiny_lm().hf, tokenizer=tiny_lm().tokenizer)
+    other.config.rope_theta = 1.0  # the fingerprint covers the config
+    with pytest.raises(MechscopeError, match="was trained on"):
+        intervene(other, TEXT, FeatureSteer.add(sae, 1, 1.0))
+    other.config.rope_theta = tiny_lm().config.rope_theta
+
+
+def test_find_features_ranks_a_feature_that_fires_on_the_concept(sae):
+    m = tiny_lm()
+    x = m.run("def function(x): return x", read=[SITE]).cache[SITE][0]
+    found = find_features(m, sae, ["def function(x): return x"], others=["The weather is nice today."], top=3)
+    assert found[0].coverage == 1 and found[0].concept > found[0].elsewhere
+    assert found[0].concept == pytest.approx(float(sae.encode_dense(x)[4:, found[0].feature].max()), rel=1e-5)
+    with pytest.raises(MechscopeError, match="no concept texts"):
+        find_features(m, sae, [])
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Run the `mechscope` command in-process through its entry point (exit codes and one-line errors included)."""
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["mechscope", *map(str, args)])
+        monkeypatch.setattr(cli_dict, "console", Console(width=200))
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as done:
+            code = done.code or 0
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    return invoke
+
+
+def test_dictionary_commands_end_to_end(tmp_path, model_folder, run):
+    m = ["--model", model_folder]
+    code, out = run("harvest", SITE, "--out", tmp_path / "store", "--tokens", 2000, "--ctx-len", 32, "--shard-contexts", 16, *m)
+    assert code == 0, out
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["complete"]
+    train = ["--sites", SITE, "--expansion", 4, "--k", 4, "--tokens", 1280, "--batch-size", 64, "--ctx-len", 32]
+    code, out = run("train-dict", "--out", tmp_path / "run", *train, "--store", tmp_path / "store", "--eval-tokens", 256, *m)
+    assert code == 0, out
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    folder = tmp_path / "run" / "dictionary"
+    evaluate = (
+        "eval-dict",
+        folder,
+        "--tokens",
+        300,
+        "--ctx-len",
+        32,
+        "--corpus",
+        "builtin",
+        "--json",
+        "--png",
+        tmp_path / "d.png",
+    )
+    code, out = run(*evaluate, *m)
+    assert code == 0, out
+    assert "ce_recovered" in json.loads(out[out.index("{") :]) and (tmp_path / "d.png").exists()
+    code, out = run("find-feature", "def function(x): return x", "--dict", folder, "--top", 3, *m)
+    assert code == 0 and "coverage" in out, out
+    code, out = run("steer", TEXT, "--feature", f"{folder}:1=20", "--generate", 4, *m)
+    assert code == 0 and "without" in out, out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("steer", TEXT, "--feature", "nofolder"), "write DIR:FEATURE"),
+        (("steer", TEXT), "no steering given"),
+        (("eval-dict", "/no/such/dict"), "no dictionary folder"),
+        (("train-dict", "--out", "/tmp/x", "--k", "0"), "k=0 is invalid"),
+        (("train-dict", "--out", "/tmp/x", "--activation", "gelu"), "unknown activation 'gelu'"),
+        (("harvest", SITE, "--out", "/tmp/h", "--tokens", "0"), "--tokens 0 is out of range"),
+    ],
+)
+def test_dictionary_commands_refuse_bad_input_in_one_line(args, message, run):
+    code, out = run(*args)
+    assert code == 2 and message in out and len(out.strip().splitlines()) == 1, out
