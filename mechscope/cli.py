@@ -1,7 +1,10 @@
 """The `mechscope` command line: the same functions the Python API exposes.
 
-Bad input prints one line naming the bad value and what is valid, and exits with status 2; no
-command shows a traceback (set MECHSCOPE_DEBUG=1 to see one).
+Exit codes (see `mechscope.errors`): 0 ok, 2 bad input, 1 internal failure. Bad input (a bad value,
+an option that does not parse, an output path that cannot be written) is one line naming the option,
+the value and what is valid, printed before any work starts; an internal failure is one line too
+(set MECHSCOPE_DEBUG=1 for its traceback). Text from the user, the model or a corpus is shown
+literally: never read as markup, control characters shown as escapes (`mechscope.cli_common`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from mechscope.cli_common import (
+    atomic_output,
+    check_folder,
+    check_output,
+    check_positions,
+    check_range,
+    error_line,
+    literal,
+    shown,
+    usage_line,
+)
+from mechscope.cli_dict import register as register_dictionary_commands
 from mechscope.cli_index import index_app
 from mechscope.errors import MechscopeError
 
@@ -28,11 +41,21 @@ app = typer.Typer(
     help="mechscope: look inside a language model. Every command runs on the embedded SmolLM2 unless --model says otherwise.",
 )
 app.add_typer(index_app, name="index")
+register_dictionary_commands(app)
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 TargetOpt = Annotated[list[str], typer.Option("--target", "-t", help="A continuation to score; repeat for several.")]
+HtmlOpt = Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")]
+PngOpt = Annotated[Path | None, typer.Option(help="Write a PNG heatmap here (a .png file).")]
+
+MAX_K = 1000
+"""The most top tokens `predict` and `intervene` list (and at most the vocabulary)."""
+MAX_LENS_K = 50
+"""The most top tokens the lens keeps per cell."""
+MAX_TOP = 1000
+"""The most units `attribute` lists (and at most the model's heads and neurons)."""
 
 
 def _load(model: str, dtype: str = "float32"):
@@ -41,12 +64,30 @@ def _load(model: str, dtype: str = "float32"):
     return mechscope.load(model, dtype=dtype)
 
 
+def _n_tokens(m, text: str) -> int:
+    return m.to_ids(text).shape[1]
+
+
+def _check_k(option: str, k: int, m, high: int = MAX_K) -> int:
+    """k within 1..high, and within the vocabulary once the model `m` is loaded."""
+    if m is not None and m.config.vocab_size < high:
+        return check_range(option, k, 1, m.config.vocab_size, f" (the model's vocabulary has {m.config.vocab_size} tokens)")
+    return check_range(option, k, 1, high)
+
+
+def _written(label: str, path: Path, write) -> None:
+    """Write `path` atomically (`write(tmp)` fills a temporary file beside it), then say where."""
+    with atomic_output(path) as tmp:
+        write(tmp)
+    console.print(f"{label}: {shown(path.resolve())}")
+
+
 def _prediction_table(prediction) -> Table:
     table = Table(title="next-token distribution", title_justify="left")
     for column in ("rank", "token", "prob", "log-prob"):
         table.add_column(column, justify="left" if column == "token" else "right")
     for i, top in enumerate(prediction.top, 1):
-        table.add_row(str(i), repr(top.token), f"{top.prob:.4f}", f"{top.logprob:.3f}")
+        table.add_row(str(i), literal(repr(top.token)), f"{top.prob:.4f}", f"{top.logprob:.3f}")
     return table
 
 
@@ -55,7 +96,9 @@ def _targets_table(prediction) -> Table:
     for column in ("target", "first token", "prob", "rank", "log-prob (all tokens)"):
         table.add_column(column, justify="left" if column in ("target", "first token") else "right")
     for t in prediction.targets:
-        table.add_row(repr(t.target), repr(t.token), f"{t.prob:.4f}", str(t.rank), f"{t.full_logprob:.3f} ({t.n_tokens})")
+        table.add_row(
+            literal(repr(t.target)), literal(repr(t.token)), f"{t.prob:.4f}", str(t.rank), f"{t.full_logprob:.3f} ({t.n_tokens})"
+        )
     return table
 
 
@@ -63,7 +106,7 @@ def _targets_table(prediction) -> Table:
 def predict(
     text: str,
     target: TargetOpt = None,
-    k: Annotated[int, typer.Option(help="How many top tokens to show.")] = 10,
+    k: Annotated[int, typer.Option(help=f"How many top tokens to show, 1..{MAX_K}.")] = 10,
     model: ModelOpt = "default",
     dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -71,12 +114,14 @@ def predict(
     """The next-token distribution after TEXT, and the probability and rank of each --target."""
     import mechscope
 
+    _check_k("--k", k, None)
     m = _load(model, dtype)
+    _check_k("--k", k, m)
     prediction = mechscope.predict(m, text, k=k, targets=target or [])
     if as_json:
         print(json.dumps({key: _jsonable(value) for key, value in prediction._asdict().items()}, indent=2))
         return
-    console.print(f"[bold]{m.name}[/] · {len(prediction.tokens)} tokens: {prediction.tokens}")
+    console.print(f"[bold]{shown(m.name)}[/] · {len(prediction.tokens)} tokens: {shown(prediction.tokens)}")
     console.print(_prediction_table(prediction))
     if prediction.targets:
         console.print(_targets_table(prediction))
@@ -86,9 +131,9 @@ def predict(
 def lens(
     text: str,
     target: TargetOpt,
-    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")] = None,
-    png: Annotated[Path | None, typer.Option(help="Write a PNG heatmap here.")] = None,
-    k: Annotated[int, typer.Option(help="Top tokens kept per cell (shown on hover in the HTML).")] = 5,
+    html: HtmlOpt = None,
+    png: PngOpt = None,
+    k: Annotated[int, typer.Option(help=f"Top tokens kept per cell (shown on hover in the HTML), 1..{MAX_LENS_K}.")] = 5,
     mid: Annotated[bool, typer.Option(help="Also unembed the residual stream between attention and MLP.")] = False,
     pos: Annotated[
         list[int], typer.Option(help="Positions to show (negative counts from the end); repeat. Default: all.")
@@ -100,15 +145,19 @@ def lens(
     import mechscope
     from mechscope import viz
 
+    _check_k("--k", k, None, MAX_LENS_K)
+    html, png = check_output("--html", html), check_output("--png", png, ".png")
     m = _load(model, dtype)
+    _check_k("--k", k, m, MAX_LENS_K)
+    check_positions("--pos", pos or [], _n_tokens(m, text))
     result = mechscope.logit_lens(m, text, target, k=k, mid=mid, positions=pos or None)
     for t in range(len(result.targets)):
         console.print(viz.lens_table(result, t))
     if html:
-        sections = [(f"P({t!r})", viz.lens_figure(result, i)) for i, t in enumerate(result.targets)]
-        console.print(f"HTML report: {viz.write_report(html, f'Logit lens · {m.name} · {text!r}', sections).resolve()}")
+        sections = [(f"P({t!r})", viz.lens_html(result, i)) for i, t in enumerate(result.targets)]
+        _written("HTML report", html, lambda tmp: viz.write_report(tmp, f"Logit lens · {m.name} · {text!r}", sections))
     if png:
-        console.print(f"PNG: {viz.lens_png(result, png).resolve()}")
+        _written("PNG", png, lambda tmp: viz.lens_png(result, tmp))
 
 
 @app.command()
@@ -116,7 +165,7 @@ def attribute(
     text: str,
     target: Annotated[str, typer.Option("--target", "-t", help="The token whose logit is explained.")],
     vs: Annotated[str | None, typer.Option(help="Explain logit(target) - logit(vs) instead.")] = None,
-    top: Annotated[int, typer.Option(help="How many heads and neurons to list.")] = 20,
+    top: Annotated[int, typer.Option(help=f"How many heads and neurons to list, 1..{MAX_TOP}.")] = 20,
     pos: Annotated[int, typer.Option(help="Position whose next-token logit is explained.")] = -1,
     rankings: Annotated[
         bool, typer.Option(help="Also rank units by attribution patching and by the real effect of ablating them.")
@@ -128,14 +177,20 @@ def attribute(
     """Direct logit attribution: which heads (L.H) and neurons (L:N) write the target's logit."""
     from mechscope.attribution import direct_logit_attribution, rank_units, rankings_table
 
+    check_range("--top", top, 1, MAX_TOP)
+    if rankings and vs is not None:
+        raise MechscopeError("--rankings explains the target's log-probability: drop --vs")
     m = _load(model, dtype)
+    d = m.dims
+    n_units = d.n_layers * (d.n_heads + d.d_mlp)
+    if n_units < MAX_TOP:
+        check_range("--top", top, 1, n_units, f" (the model has {n_units} heads and neurons)")
+    check_positions("--pos", [pos], _n_tokens(m, text))
     if rankings:
-        if vs is not None:
-            raise MechscopeError("--rankings explains the target's log-probability: drop --vs")
         console.print(rankings_table(rank_units(m, text, target, top=top, baseline=baseline, position=pos)))
     a = direct_logit_attribution(m, text, target, vs=vs, position=pos)
     what = f"logit({target!r})" + (f" - logit({vs!r})" if vs is not None else "")
-    table = Table(title=f"direct logit attribution of {what} at position {a.position}", title_justify="left")
+    table = Table(title=literal(f"direct logit attribution of {what} at position {a.position}"), title_justify="left")
     for column in ("unit", "kind", "contribution"):
         table.add_column(column, justify="right" if column == "contribution" else "left")
     for name, value in a.top(top):
@@ -143,7 +198,7 @@ def attribute(
     console.print(table)
     console.print(
         f"embeddings {a.embed:+.4f} · biases {a.biases:+.4f} · all heads {float(a.heads.sum()):+.4f} · "
-        f"all neurons {float(a.neurons.sum()):+.4f} · sum {a.total:+.4f} = {what} {a.logit:+.4f}"
+        f"all neurons {float(a.neurons.sum()):+.4f} · sum {a.total:+.4f} = {shown(what)} {a.logit:+.4f}"
         " (final norm scale frozen at the clean run)"
     )
 
@@ -158,28 +213,39 @@ def intervene(
     mean_ablate: Annotated[list[str], typer.Option(help="Mean-ablate a unit (mean over the prompt); repeat.")] = None,
     position: Annotated[list[int], typer.Option(help="Only at these prompt positions; repeat. Default: all.")] = None,
     target: TargetOpt = None,
-    k: Annotated[int, typer.Option(help="How many top tokens to compare.")] = 10,
-    generate: Annotated[int, typer.Option(help="Also generate this many tokens greedily, with and without.")] = 0,
+    k: Annotated[int, typer.Option(help=f"How many top tokens to compare, 1..{MAX_K}.")] = 10,
+    generate: Annotated[
+        int, typer.Option(help="Also generate this many tokens greedily, with and without (up to the context's room).")
+    ] = 0,
     model: ModelOpt = "default",
     dtype: DtypeOpt = "float32",
 ):
     """Change neurons or heads and compare the next-token distribution (and generations) before and after."""
     from mechscope import attribution
 
+    _check_k("--k", k, None)
+    if generate < 0:
+        raise MechscopeError(f"--generate {generate} is out of range: give 0 (no generation) or a number of new tokens")
     m = _load(model, dtype)
+    _check_k("--k", k, m)
+    n_prompt = _n_tokens(m, text)
+    check_positions("--position", position or [], n_prompt)
+    room = m.n_ctx - n_prompt
+    why = f" (the model's context of {m.n_ctx} tokens minus the prompt's {n_prompt})"
+    check_range("--generate", generate, 0, room, why)
     interventions = attribution.from_options(
         m, set=set_ or (), scale=scale or (), add=add or (), ablate=ablate or (), mean_ablate=mean_ablate or (),
         positions=position or None,
     )  # fmt: skip
     result = attribution.intervene(m, text, interventions, k=k, targets=target or [])
-    console.print("interventions: " + "; ".join(result.interventions))
+    console.print("interventions: " + shown("; ".join(result.interventions)))
     table = Table(title=f"next token before and after (KL {result.kl:.4f} nats)", title_justify="left")
     for column in ("token", "before", "after", "Δ prob", "Δ log-prob"):
         table.add_column(column, justify="left" if column == "token" else "right")
     target_ids = {d.id for d in result.targets}
     for d in [*result.targets, *(d for d in result.deltas if d.id not in target_ids)]:
         table.add_row(
-            ("target " if d.id in target_ids else "") + repr(d.token),
+            literal(("target " if d.id in target_ids else "") + repr(d.token)),
             f"{d.prob_before:.4f}",
             f"{d.prob_after:.4f}",
             f"{d.delta_prob:+.4f}",
@@ -188,15 +254,15 @@ def intervene(
     console.print(table)
     if generate:
         texts = attribution.generate(m, text, interventions, max_new_tokens=generate)
-        console.print(f"[bold]without:[/] {escape(text + texts.before)}\n[bold]with:[/]    {escape(text + texts.after)}")
+        console.print(f"[bold]without:[/] {shown(text + texts.before)}\n[bold]with:[/]    {shown(text + texts.after)}")
 
 
 @app.command()
 def neuron(
     unit: Annotated[str, typer.Argument(help="A neuron L:N or a head L.H.")],
     texts: Annotated[list[str], typer.Argument(help="One or more texts.")],
-    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")] = None,
-    png: Annotated[Path | None, typer.Option(help="Write a PNG heatmap here.")] = None,
+    html: HtmlOpt = None,
+    png: PngOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the values as JSON.")] = False,
     model: ModelOpt = "default",
     dtype: DtypeOpt = "float32",
@@ -206,18 +272,19 @@ def neuron(
     from mechscope.attribution import unit_activations
     from mechscope.attribution.activations import as_list
 
+    html, png = check_output("--html", html), check_output("--png", png, ".png")
     m = _load(model, dtype)
     values = as_list(unit_activations(m, list(texts), unit))
     if as_json:
         print(json.dumps([v.stats() | {"tokens": v.tokens, "values": v.values.tolist()} for v in values], indent=2))
         return
+    label = values[0].label
     console.print(viz.token_heatmap_text(values))
-    console.print(viz.token_stats_table(values, title=values[0].label))
+    console.print(viz.token_stats_table(values, title=label))
     if html:
-        report = viz.write_report(html, values[0].label, [(values[0].label, viz.token_heatmap_html(values))])
-        console.print(f"HTML report: {report.resolve()}")
+        _written("HTML report", html, lambda tmp: viz.write_report(tmp, label, [(label, viz.token_heatmap_html(values))]))
     if png:
-        console.print(f"PNG: {viz.token_heatmap_png(values, png, title=values[0].label).resolve()}")
+        _written("PNG", png, lambda tmp: viz.token_heatmap_png(values, tmp, title=label))
 
 
 @app.command()
@@ -236,33 +303,34 @@ def patch(
     from mechscope import attribution as attr
     from mechscope import viz
 
+    html = check_output("--html", html)
     m = _load(model, dtype)
     kinds = kind or list(attr.patching.KINDS)
     results = attr.activation_patching(m, clean, corrupt, target, vs=vs, kinds=kinds)
     estimates = attr.attribution_patching(m, clean, corrupt, target, vs=vs, kinds=kinds) if attribution else {}
     sections = []
+    metric = f"logit({target!r}) - logit({vs!r})" if vs is not None else f"P({target!r})"
     for name, result in results.items():
-        console.print(f"metric {result.metric}: clean {result.clean:.4f}, corrupted {result.corrupt:.4f}")
+        console.print(f"metric {shown(metric)}: clean {result.clean:.4f}, corrupted {result.corrupt:.4f}")
         title = f"{name}: share of the metric restored by patching each cell"
         console.print(viz.grid_table(title, [str(layer) for layer in result.layers], result.col_labels, result.grid))
-        sections.append((title, viz.patching_figure(result)))
+        sections.append((title, viz.patching_html(result)))
         if name in estimates:
             console.print(
                 f"attribution patching vs activation patching on {name}: r = {attr.compare(estimates[name], result):.3f}"
             )
-            sections.append((f"{name}: attribution-patching estimate", viz.patching_figure(estimates[name])))
+            sections.append((f"{name}: attribution-patching estimate", viz.patching_html(estimates[name])))
     if html:
-        console.print(
-            f"HTML report: {viz.write_report(html, f'Activation patching · {clean!r} vs {corrupt!r}', sections).resolve()}"
-        )
+        title = f"Activation patching · {clean!r} vs {corrupt!r}"
+        _written("HTML report", html, lambda tmp: viz.write_report(tmp, title, sections))
 
 
 @app.command()
 def pattern(
     head: Annotated[str, typer.Argument(help="A head, L.H (e.g. 5.3).")],
     text: str,
-    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML heatmap here.")] = None,
-    png: Annotated[Path | None, typer.Option(help="Write a PNG heatmap here.")] = None,
+    html: HtmlOpt = None,
+    png: PngOpt = None,
     model: ModelOpt = "default",
     dtype: DtypeOpt = "float32",
 ):
@@ -270,24 +338,24 @@ def pattern(
     from mechscope import viz
     from mechscope.attribution import attention_pattern, parse_unit
 
+    html, png = check_output("--html", html), check_output("--png", png, ".png")
     m = _load(model, dtype)
     unit = parse_unit(head, m)
     if unit.kind != "head":
         raise MechscopeError(f"{head!r} is a neuron: give a head as LAYER.HEAD, e.g. 5.3")
     ap = attention_pattern(m, text, unit.layer, unit.index)
-    table = Table(title=f"{ap.label}: strongest keys per query", title_justify="left")
+    table = Table(title=literal(f"{ap.label}: strongest keys per query"), title_justify="left")
     for column in ("query", "attends to (probability)"):
         table.add_column(column)
     for q, row in enumerate(ap.pattern):
         top = row.topk(min(3, q + 1))
         keys = ", ".join(f"{k}:{ap.tokens[k]!r} {p:.2f}" for p, k in zip(top.values.tolist(), top.indices.tolist(), strict=True))
-        table.add_row(f"{q}:{ap.tokens[q]!r}", keys)
+        table.add_row(literal(f"{q}:{ap.tokens[q]!r}"), literal(keys))
     console.print(table)
     if html:
-        report = viz.write_report(html, ap.label, [(ap.label, viz.attention_pattern_figure(ap))])
-        console.print(f"HTML report: {report.resolve()}")
+        _written("HTML report", html, lambda tmp: viz.write_report(tmp, ap.label, [(ap.label, viz.attention_pattern_html(ap))]))
     if png:
-        console.print(f"PNG: {viz.attention_pattern_png(ap, png).resolve()}")
+        _written("PNG", png, lambda tmp: viz.attention_pattern_png(ap, tmp))
 
 
 @app.command()
@@ -301,11 +369,11 @@ def sites(
     if as_json:
         print(json.dumps(shapes, indent=2))
         return
-    table = Table(title=f"{m!r}: {len(shapes)} sites", title_justify="left")
+    table = Table(title=literal(f"{m!r}: {len(shapes)} sites"), title_justify="left")
     table.add_column("site")
     table.add_column("shape")
     for name, shape in shapes.items():
-        table.add_row(name, "[" + ", ".join(map(str, shape)) + "]")
+        table.add_row(literal(name), literal("[" + ", ".join(map(str, shape)) + "]"))
     console.print(table)
 
 
@@ -318,24 +386,26 @@ def read(
     dtype: DtypeOpt = "float32",
 ):
     """Read sites on TEXT: shape and per-position norm of each, optionally saved as safetensors."""
+    out = check_output("--out", out)
     m = _load(model, dtype)
     cache = m.run(text, read=site).cache
     tokens = m.to_str_tokens(m.to_ids(text)[0])
-    table = Table(title=f"{m.name}: L2 norm of each site's value at each position", title_justify="left")
+    table = Table(title=literal(f"{m.name}: L2 norm of each site's value at each position"), title_justify="left")
     table.add_column("site")
     table.add_column("shape")
     for p, token in enumerate(tokens):
-        table.add_column(f"{p}:{token!r}"[:14], justify="right")
+        table.add_column(literal(f"{p}:{token!r}"[:14]), justify="right")
     for name, value in cache.items():
         norms = value[0].flatten(1).norm(dim=-1) if "pattern" not in name else value[0].transpose(0, 1).flatten(1).norm(dim=-1)
-        table.add_row(name, str(list(value.shape)), *(f"{n:.2f}" for n in norms.tolist()))
+        table.add_row(literal(name), literal(str(list(value.shape))), *(f"{n:.2f}" for n in norms.tolist()))
     console.print(table)
     if out:
         from safetensors.torch import save_file
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in cache.items()}, str(out), metadata={"model": m.name, "text": text})
-        console.print(f"saved {len(cache)} tensors to {out.resolve()}")
+        tensors = {k: v.contiguous() for k, v in cache.items()}
+        with atomic_output(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"model": m.name, "text": text})
+        console.print(f"saved {len(cache)} tensors to {shown(out.resolve())}")
 
 
 @app.command()
@@ -347,6 +417,7 @@ def demo(
     """The main job on the embedded model: prediction, logit lens, the units behind TARGET and what they do."""
     from mechscope.demo import run_demo
 
+    check_folder("--out", out)
     run_demo(console, out, text, target)
 
 
@@ -358,31 +429,38 @@ def _jsonable(value):
     return value
 
 
+def _usage_error(error: BaseException) -> bool:
+    """An option-parsing error from click (or the copy of click that typer carries)."""
+    return any(cls.__name__ == "ClickException" for cls in type(error).__mro__)
+
+
 def main() -> None:
-    """Entry point: run the app and turn any error into one line on stderr."""
-    err = Console(stderr=True)
+    """Entry point: run the app; bad input exits 2 and an internal failure exits 1, each with one line on stderr."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    argv = sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(args=argv, prog_name="mechscope", standalone_mode=False)
     except MechscopeError as error:
-        err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {shown(error_line(error))}")
         sys.exit(2)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         sys.exit(done.exit_code)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
-    except Exception as error:  # a bug, or an input we did not foresee: still one line
+    except Exception as error:
+        if _usage_error(error):
+            if type(error).__name__ == "NoArgsIsHelpError":  # `mechscope` alone: the help, not an error
+                print(error.format_message())
+                sys.exit(0)
+            err.print(f"[red]error:[/] {shown(error_line(usage_line(error, argv)))}")
+            sys.exit(2)
         if os.environ.get("MECHSCOPE_DEBUG"):
             raise
-        err.print(
-            f"[red]error:[/] {type(error).__name__}: {escape(str(error))} (set MECHSCOPE_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        line = error_line(f"{type(error).__name__}: {error}")
+        err.print(f"[red]internal error:[/] {shown(line)} (set MECHSCOPE_DEBUG=1 for the traceback)")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_lens_writes_html_and_png(monkeypatch, capsys, tmp_path):
     code, out, _ = run_main(monkeypatch, capsys, "lens", PROMPT, "-t", " questionable", "--html", str(html), "--png", str(png))
     assert code == 0 and "logit lens" in out
     page = html.read_text()
-    assert "questionable" in page and "Plotly" in page and "top:" in page  # self-contained, hover text
+    assert "questionable" in page and "top:" in page  # hover text
+    assert "<script src" not in page and len(page) < 200_000  # self-contained and light: no plotly.js
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -284,14 +284,19 @@ def patched_metric(
     corrupt: Inputs,
     target: str | int,
     vs: str | int | None = None,
-    sites: Iterable[str] = (),
-    positions: Iterable[int] | None = None,
+    sites: str | Iterable[str] = (),
+    positions: Sequence[int] | None = None,
     metric: str | None = None,
 ) -> tuple[float, float]:
     """Patch several whole sites at once (at `positions`, default all) from the clean run: (raw, normalised) metric.
 
     >>> patched_metric(model, clean, corrupt, " Paris", " Rome", sites=["blocks.0.hook_resid_pre"])  # (clean, 1.0)
     """
+    sites = [sites] if isinstance(sites, str) else list(sites)  # one name is one site
+    if not sites:
+        raise MechscopeError("no sites given: give the sites to patch, e.g. sites=['blocks.0.hook_resid_pre']")
+    if positions is not None and not list(positions):
+        raise MechscopeError("no positions given (an empty list): give positions to patch, or None for all")
     setup = _setup(model, clean, corrupt, target, vs, metric)
     sites = [model.site(s) for s in sites]
     for site in sites:

@@ -80,6 +80,9 @@ def logit_lens(
     targets = as_targets(targets)
     items, single = split_inputs(text)
     tokens = model.encode(items)
+    for n_pos in tokens.lengths:  # positions are checked before the forward pass
+        for p in positions or ():
+            check_position(p, n_pos)
     rows, sites = lens_sites(model, mid)
     cache = model.run(tokens.ids, attention_mask=tokens.mask, read=sites).cache
     unembed = wide_unembed(model, final_norm=True)

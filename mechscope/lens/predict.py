@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -81,8 +83,10 @@ def one_sequence(model: Model, text: Inputs) -> Tensor:
     return ids
 
 
-def as_targets(targets: str | int | Sequence[str | int]) -> list[str | int]:
-    """Targets as a list: one string or id is one target, never split into characters."""
+def as_targets(targets: str | int | Sequence[str | int] | None) -> list[str | int]:
+    """Targets as a list: one string or id is one target, never split into characters; None is none."""
+    if targets is None:
+        return []
     return [targets] if isinstance(targets, str | int) else list(targets)
 
 
@@ -92,7 +96,18 @@ def target_ids(model: Model, targets: Sequence[str | int], prompt: Inputs | None
 
 
 def single_token(model: Model, target: str | int, prompt: Inputs | None = None, what: str = "target") -> int:
-    """The one token id of `target` as a continuation of `prompt`; a one-line error for a multi-token target."""
+    """The one token id of `target` as a continuation of `prompt`; a one-line error for a multi-token target
+    (or for a list, even of one: this method takes exactly one target)."""
+    if not isinstance(target, str | int):
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            target = operator.index(target)  # a numpy or torch integer (scalar) is a token id
+    if not isinstance(target, str | int):
+        items = list(target) if isinstance(target, Sequence) else None
+        if items == []:
+            raise MechscopeError(f"no {what} given (an empty list): give one {what}, a string such as ' Paris' or a token id")
+        raise MechscopeError(
+            f"{what} must be one string or token id, got {type(target).__name__} {target!r}: this method explains one token"
+        )
     ids = model.token_ids(target, prompt if isinstance(prompt, str) else None)
     if len(ids) > 1:
         pieces = model.to_str_tokens(ids)
