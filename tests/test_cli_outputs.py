@@ -2,6 +2,7 @@
 and the path printed is the path written."""
 
 import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -62,9 +63,14 @@ def test_bad_output_paths_are_refused_before_any_work(monkeypatch, capsys, tmp_p
         assert sorted(tmp_path.rglob("*")) == before, "a refused command left a file behind"
 
 
-def test_an_unwritable_folder_is_named_as_given():
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_unwritable_folder_is_named_as_given(monkeypatch, capsys):
     with pytest.raises(MechscopeError, match=r"^--html '/proc/x.html' cannot be written: '/proc' is not writable"):
         check_output("--html", "/proc/x.html")
+    code, out, err = run_main(monkeypatch, capsys, not_loaded, "lens", PROMPT, "-t", " x", "--html", "/proc/x.html")
+    assert code == 2 and not out
+    assert err.strip().startswith("error: --html '/proc/x.html' cannot be written: '/proc' is not writable (")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_missing_folders_are_fine_and_special_files_are_not(tmp_path):
