@@ -21,9 +21,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-GATHER_CHUNK = 1 << 15
-"""Pairs whose decoder rows are gathered at once in the decoder's backward (bounds memory to CHUNK x D floats)."""
-
 
 class Active(NamedTuple):
     """The active latents of a batch: N (token, latent) pairs and their activations."""
@@ -54,10 +51,11 @@ class Active(NamedTuple):
 
 
 def _pairs_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], transpose: bool) -> Tensor:
-    """The sparse [B, F] matrix of the pairs (or its [F, B] transpose), coalesced for a fast product."""
+    """The sparse [B, F] matrix of the pairs (or its [F, B] transpose). Pairs are distinct, so it is left
+    uncoalesced: the product does not need it sorted, and sorting costs more than the product."""
     index = torch.stack([cols, rows]) if transpose else torch.stack([rows, cols])
     size = (shape[1], shape[0]) if transpose else shape
-    return torch.sparse_coo_tensor(index, values, size, check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(index, values, size, check_invariants=False, is_coalesced=False)
 
 
 class _GatherPre(torch.autograd.Function):
@@ -95,25 +93,34 @@ def gather_pre(pre: Tensor, x: Tensor, b_pre: Tensor | None, W_enc: Tensor, b_en
     return _GatherPre.apply(pre[rows, cols], x, b_pre, W_enc, b_enc, rows, cols)
 
 
+def _offsets(rows: Tensor, batch: int) -> Tensor:
+    """[B] where each token's pairs start in the (row-ascending) pair list."""
+    counts = torch.bincount(rows, minlength=batch)
+    return torch.cumsum(counts, 0) - counts
+
+
 class _SparseDecode(torch.autograd.Function):
-    """out[b] = Σ over the pairs of token b of values · W_dec[col]: [B, D]."""
+    """out[b] = Σ over the pairs of token b of values · W_dec[col]: [B, D], as an embedding bag.
+
+    Backward: each pair's value gets grad[b] · W_dec[col] from the embedding bag's own kernel for
+    per-sample weights (no [N, D] copy of the gathered rows), and W_dec's gradient is a sparse x dense
+    product of the [F, B] pair matrix with the output gradient.
+    """
 
     @staticmethod
     def forward(ctx, values, rows, cols, W_dec, batch):
-        ctx.save_for_backward(values, rows, cols, W_dec)
+        offsets = _offsets(rows, batch)
+        ctx.save_for_backward(values, rows, cols, W_dec, offsets)
         ctx.batch = batch
-        A = _pairs_matrix(rows, cols, values, (batch, W_dec.shape[0]), transpose=False)
-        return torch.sparse.mm(A, W_dec)
+        return torch.nn.functional.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
 
     @staticmethod
     def backward(ctx, grad):
-        values, rows, cols, W_dec = ctx.saved_tensors
+        values, rows, cols, W_dec, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
         grad_values = grad_W_dec = None
-        if ctx.needs_input_grad[0]:  # d out_b / d value_n = W_dec[col_n] . grad_b, gathered in chunks
-            grad_values = torch.empty_like(values)
-            for start in range(0, values.numel(), GATHER_CHUNK):
-                part = slice(start, start + GATHER_CHUNK)
-                grad_values[part] = (W_dec[cols[part]] * grad[rows[part]]).sum(-1)
+        if ctx.needs_input_grad[0]:
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, W_dec, cols, offsets, rows, 0, -1)
         if ctx.needs_input_grad[3]:
             A_T = _pairs_matrix(rows, cols, values, (ctx.batch, W_dec.shape[0]), transpose=True)
             grad_W_dec = torch.sparse.mm(A_T, grad)
