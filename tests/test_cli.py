@@ -66,7 +66,9 @@ def test_read_saves_safetensors(monkeypatch, capsys, tmp_path):
 def test_demo_writes_report(monkeypatch, capsys, tmp_path):
     code, out, _ = run_main(monkeypatch, capsys, "demo", "--out", str(tmp_path))
     assert code == 0 and "' questionable'" in out
-    assert (tmp_path / "demo.html").stat().st_size > 100_000 and (tmp_path / "demo-lens.png").exists()
+    page = (tmp_path / "demo.html").read_text()
+    assert "Logit lens of" in page and "class='ms-tok skip'" in page and "top 6 of" in page  # lens, heatmap, index
+    assert "<script" not in page and len(page) < 500_000 and (tmp_path / "demo-lens.png").exists()  # light: no plotly.js
 
 
 @pytest.mark.parametrize(
