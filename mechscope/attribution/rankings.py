@@ -279,11 +279,12 @@ def rank_units(
 def rankings_table(r: Rankings):
     """A rich Table of the candidates: each method's score and the unit's rank under it (#1 = largest |score|)."""
     from rich.table import Table
+    from rich.text import Text
 
     ranks = {m: r.ranks(m) for m in METHODS}
     corr = " · ".join(f"{a} ~ {b} {v:+.3f}" for (a, b), v in r.spearman.items())
     table = Table(
-        title=f"units ranked for log p({r.target!r}) at position {r.position} ({r.baseline} ablation)",
+        title=Text(f"units ranked for log p({r.target!r}) at position {r.position} ({r.baseline} ablation)"),
         title_justify="left",
         caption=f"Spearman over {len(r.rows)} candidates: {corr}. DLA explains the logit; positive = the unit raises the target.",
         caption_justify="left",
