@@ -133,6 +133,24 @@ class ModelSource:
             yield number, torch.cat(parts)
 
 
+class TensorSource:
+    """Activations already in memory, [n, n_sites, d], as a source: chunks of `chunk_tokens` rows, passes repeating."""
+
+    def __init__(self, acts: Tensor, sites: list[str], chunk_tokens: int | None = None):
+        if acts.ndim != 3 or acts.shape[1] != len(sites):
+            raise MechscopeError(
+                f"activations of shape {list(acts.shape)} do not fit {len(sites)} sites: give [n, {len(sites)}, d]"
+            )
+        self.acts, self.sites, self.d = acts, list(sites), acts.shape[2]
+        self.chunk_tokens = min(chunk_tokens or len(acts), len(acts))
+
+    def chunks(self, start: int = 0) -> Iterator[tuple[int, Tensor]]:
+        per_pass = len(self.acts) // self.chunk_tokens
+        for number in itertools.count(start):
+            within = number % per_pass
+            yield number, self.acts[within * self.chunk_tokens : (within + 1) * self.chunk_tokens].float()
+
+
 def batches(source, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[tuple[int, Tensor]]:
     """(step, batch [batch_size, n_sites, d]) from `source`, shuffled within each chunk, from `start_step` on.
 

@@ -179,7 +179,7 @@ def _lr(cfg: TrainConfig, base: float, step: int) -> float:
 class Trainer:
     """Trains one dictionary; `run()` returns it. See the module docstring for the phases."""
 
-    def __init__(self, model, cfg: TrainConfig, out: str | Path, show_progress: bool = True):
+    def __init__(self, model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None):
         self.model, self.cfg, self.out = model, cfg, Path(out)
         self.ranks = Ranks.from_environment()
         if cfg.batch_size % self.ranks.world:
@@ -189,15 +189,19 @@ class Trainer:
         self.write = [model.site(s).name for s in (cfg.write_sites or cfg.sites)]
         self.all_sites = list(dict.fromkeys(self.read + self.write))
         self.d = site_width(model, self.all_sites)
-        self.source, self.eval_source = self._sources()
+        self.source, self.eval_source = self._sources(source)
 
-    def _sources(self):
+    def _sources(self, given=None):
         cfg = self.cfg
         spec = StreamSpec(tuple(self.all_sites), cfg.corpus, ctx_len=cfg.ctx_len, skip=cfg.skip, seed=cfg.seed,
                           chunk_contexts=cfg.chunk_contexts)  # fmt: skip
         train_text, eval_text = held_out(corpus(cfg.corpus))
         eval_spec = dataclasses.replace(spec, chunk_contexts=-(-cfg.eval_tokens // spec.tokens_per_context))
         eval_source = ModelSource(self.model, eval_spec, eval_text)
+        if given is not None:
+            if list(given.sites) != self.all_sites:
+                raise MechscopeError(f"the activation source holds sites {list(given.sites)}, not {self.all_sites}")
+            return given, eval_source
         if cfg.store is None:
             return ModelSource(self.model, spec, train_text), eval_source
         store = StoreSource(cfg.store, seed=cfg.seed)
@@ -326,12 +330,15 @@ def _remove_parallel_grad(W_dec: nn.Parameter) -> None:
         W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
 
 
-def train_dictionary(model, cfg: TrainConfig, out: str | Path, show_progress: bool = True) -> Dictionary:
+def train_dictionary(model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None) -> Dictionary:
     """Train a dictionary on `model` as `cfg` says, checkpointing into `out` and saving it to `out/dictionary`.
+
+    The activations come from `source` when one is given (e.g. `activations.TensorSource` over a tensor
+    already in memory), else from `cfg.store`, else from the model as it runs over `cfg.corpus`.
 
     A run killed at any moment continues from `out/checkpoint` when started again with the same config,
     and ends with the same weights as a run that never stopped.
 
     >>> d = train_dictionary(model, TrainConfig(sites=["blocks.15.hook_resid_post"], k=64, tokens=5_000_000), "sae-l15")
     """
-    return Trainer(model, cfg, out, show_progress).run()
+    return Trainer(model, cfg, out, show_progress, source).run()
