@@ -231,14 +231,22 @@ def _sae(res: dict) -> list[str]:
         )
     sp = sae.get("sparsify_e2e", {})
     if "forward_only" in sp and sp.get("steady_tokens_per_s"):
-        step = 4096 / sp["steady_tokens_per_s"] - sp["forward_only"]["seconds_per_batch"]
+        fwd = sp["forward_only"]
+        step = 4096 / sp["steady_tokens_per_s"] - fwd["seconds_per_batch"]
+        derived = (
+            f"subtracting it from its median step leaves ≈ {4096 / step:,.0f} tokens/s for the SAE's own work (derived, "
+            "not measured directly: sparsify's trainer has no activations-only input)."
+            if step > 0
+            else "it came out slower than a whole training step, so other processes disturbed it and no SAE-only figure "
+            "is derived."
+        )
+        lines += ["", f"sparsify's full forward alone, timed after training: {fwd['tokens_per_s']:,.0f} tokens/s; {derived}"]
+    busy = [r["background_cores"] for r in sae.values() if "background_cores" in r]
+    if busy and max(busy) >= 0.5:
         lines += [
             "",
-            f"sparsify's full forward alone runs at {sp['forward_only']['tokens_per_s']:,.0f} tokens/s on these batches; "
-            f"subtracting it from its median step leaves ≈ {4096 / step:,.0f} tokens/s for the SAE's own work "
-            "(derived, not measured directly: sparsify's trainer has no activations-only input)."
-            if step > 0
-            else "",
+            f"These runs shared the 2 cores with other processes (on average {min(busy):.1f}–{max(busy):.1f} cores busy "
+            "elsewhere, last column): their tokens/s are lower than the machine gives alone. Rerun on a quiet machine.",
         ]
     return lines
 
@@ -257,7 +265,8 @@ def render(res: dict) -> str:
         "tokens and the same clean-call rule as the sections above. Each tool runs in its own venv and each ratio "
         "is to plain HF measured in that venv in the same run (`from_pretrained` on the same folder, float32, "
         "its default attention); the second figure in a cell is that ratio over mechscope's ratio for the same "
-        "figure. Cells read `ratio to plain HF (absolute; ratio to mechscope)`.",
+        "figure. Cells read `ratio to plain HF (absolute; ratio to mechscope)`. A cell marked *(noisy)* had too few "
+        "calls undisturbed by other processes; its median is over all calls and does not measure the tool.",
         "",
         *_headline(res),
         "",

@@ -15,10 +15,13 @@ Phases, each in fresh processes, one at a time (the machine has 2 cores):
 
 A phase that fails is recorded with its error, and the others still run. The results replace the peers
 section of bench/RESULTS.md (between its two HTML-comment markers); the raw figures go to bench/out/peers.json.
+`--only inprocess` reruns phases 1 and 3 (figures 1-3, the agreement checks) and keeps the rest from that
+file; `--only render` only rewrites the section from it.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -197,19 +200,40 @@ def run_all(res: dict, peers_py: str, tmp: Path) -> dict:
     return res
 
 
+def rerun_inprocess(res: dict, peers_py: str, tmp: Path) -> None:
+    """Only the in-process phases again (ours.py, inprocess.py), keeping load, RSS and SAE figures from `res`."""
+    res.update(errors={}, load_avg_start=common.load_average(), machine=common.machine_info())
+    res["date"] += f"; in-process figures (1–3) rerun {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    for key in ("ours", "peers"):
+        res.pop(key, None)
+    phase(res, "ours", lambda: fresh(sys.executable, HERE / "ours.py", str(tmp)))
+    if "ours" in res:
+        phase(res, "peers", lambda: fresh(peers_py, HERE / "inprocess.py", res["ours"]["folder"], str(tmp), timeout=1200))
+    res["load_avg_end"] = common.load_average()
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--only",
+        choices=["inprocess", "render"],
+        help="inprocess: rerun figures 1-3 only, keeping the others from bench/out/peers.json; "
+        "render: rewrite the section from bench/out/peers.json",
+    )
+    only = parser.parse_args().only
     t0 = time.perf_counter()
-    res: dict = {}
-    if os.environ.get("PEERS_PYTHON"):
-        peers_py, res["install_errors"] = os.environ["PEERS_PYTHON"], {}
-    else:
-        peers_py, res["install_errors"] = install.ensure(log)
-    for req, why in res["install_errors"].items():
-        log(f"could not install {req}: {why}")
-    with tempfile.TemporaryDirectory() as tmp:
-        run_all(res, peers_py, Path(tmp))
-    res["wall_s"] = time.perf_counter() - t0
-    res["quiet_waited_s"] = common.quiet_waited_s()
+    res: dict = json.loads(RAW.read_text()) if only else {}
+    if only != "render":
+        if os.environ.get("PEERS_PYTHON"):
+            peers_py, res["install_errors"] = os.environ["PEERS_PYTHON"], {}
+        else:
+            peers_py, res["install_errors"] = install.ensure(log)
+        for req, why in res["install_errors"].items():
+            log(f"could not install {req}: {why}")
+        with tempfile.TemporaryDirectory() as tmp:
+            (rerun_inprocess if only else run_all)(res, peers_py, Path(tmp))
+        res["rerun_wall_s" if only else "wall_s"] = time.perf_counter() - t0
+        res["quiet_waited_s"] = common.quiet_waited_s()
     RAW.parent.mkdir(exist_ok=True)
     RAW.write_text(json.dumps(res, indent=1, default=str))
     section = render.render(res)
