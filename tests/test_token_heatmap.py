@@ -185,7 +185,7 @@ def test_terminal_text_shows_every_token():
     console.print(token_stats_table(tv))
     out = console.export_text()
     assert "dim: positions 0–3 of each text not scored" in out
-    assert "│   3 │ 4:'↵' │  0.3 │  -3 │                     1.5 │" in out  # over positions 4..8; max over 0..3
+    assert "│   3 │ 4:'↵' │  0.3 │  -3 │     1.5 │" in out and "over positions 4.." in out  # max over 0..3 apart
 
 
 def test_html_escapes_tokens_and_shows_values(tmp_path):

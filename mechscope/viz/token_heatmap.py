@@ -23,6 +23,7 @@ anything with `tokens`, `values` and `label`. Attention patterns are drawn by `v
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 
 from rich.style import Style
@@ -148,8 +149,9 @@ def token_stats_table(values, title: str | None = None, skip: int | None = None)
     and the largest value among the positions not scored."""
     items = _items(values)
     skip = token_scale(items, skip=skip).skip
-    table = Table(title=plain(title) if title else None, title_justify="left")
-    columns = ["text", "max", "at", "mean", "min"] + ([f"max at 0–{skip - 1} (not scored)"] if skip else [])
+    caption = f"max, at, mean, min: over positions {skip}..; {skip_note(skip)}" if skip else None
+    table = Table(title=plain(title) if title else None, title_justify="left", caption=caption, caption_justify="left")
+    columns = ["text", "max", "at", "mean", "min"] + ([f"max 0–{skip - 1}"] if skip else [])
     for name in columns:
         table.add_column(name, justify="left" if name in ("text", "at") else "right")
     for item in items:
@@ -292,15 +294,16 @@ def token_heatmap_png(
     n_rows = sum(len(lines) + 1.5 for *_, lines in blocks)
     longest = max((x + w for *_, lines in blocks for line in lines for _, _, x, w in line), default=0.0)
     labels = [len(str(getattr(item, "label", "") or "")) * char_in * 1.1 for item in items]
-    note = f"hatched: {skip_note(scale.skip)}" if scale.skip else ""
-    if note:
+    content_w = max(longest, *labels, 36 * char_in)
+    note = ""
+    if scale.skip:  # wrapped to the figure's width
         high = max(v for item in items for v in _floats(item)[: scale.skip])
-        note += f" (largest there: {high:.3g})"
-    content_w = max(longest, *labels, 36 * char_in, len(note) * char_in * 0.85)
-    notes = 1 if note else 0
-    fig_w, fig_h = content_w + 0.6, n_rows * ROW_IN + 1.15 + 0.3 * notes + (0.35 if title else 0)
+        note = f"hatched: {skip_note(scale.skip)} (largest there: {high:.3g})"
+        note = textwrap.fill(note, width=max(40, int(content_w / (char_in * 0.85))))
+    notes = note.count("\n") + 1 if note else 0
+    fig_w, fig_h = content_w + 0.6, n_rows * ROW_IN + 1.15 + 0.18 * notes + (0.35 if title else 0)
     fig = plt.figure(figsize=(fig_w, fig_h))
-    bottom = 0.95 + 0.3 * notes
+    bottom = 0.95 + 0.18 * notes
     ax = fig.add_axes((0.3 / fig_w, bottom / fig_h, content_w / fig_w, n_rows * ROW_IN / fig_h))
     ax.set_xlim(0, content_w)
     ax.set_ylim(n_rows, 0)
@@ -325,7 +328,7 @@ def token_heatmap_png(
             row += 1
         row += 0.3
     cmap, norm = _colormap(scale)
-    cax = fig.add_axes((0.55 / fig_w, (0.35 + 0.3 * notes) / fig_h, min(4.0, content_w - 0.6) / fig_w, 0.15 / fig_h))
+    cax = fig.add_axes((0.55 / fig_w, (0.35 + 0.18 * notes) / fig_h, min(4.0, content_w - 0.6) / fig_w, 0.15 / fig_h))
     ticks = [0, scale.vmax / 2, scale.vmax] if scale.one_sided else [-scale.vmax, 0, scale.vmax]
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", ticks=ticks, format="%.3g")
     if note:
