@@ -269,9 +269,8 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
         "about 20%); figure 2 likewise skips the unembedding (its last site is the final norm). "
         "Rows 1′ and 2′ (`logits=True`) do the same work as HF and isolate the cost of the "
         "hooks (and, for 2′, of computing the 30 attention patterns).",
-        "- For context, figures supplied with the brief for peers on this machine (not measured by this script): "
-        "reading the residual stream, nnsight 1.04×, TransformerLens bridge 1.18×, HookedTransformer 1.41×; every site, "
-        "TransformerLens 2.2–2.9× and up to 3.8 GB.",
+        "- The peers (TransformerLens, nnsight, SAELens, sparsify) are measured side by side by `make bench-peers`, "
+        "in their own section below.",
         "- Figure 2 also computes the 30 attention patterns explicitly (SDPA never materialises them) and keeps "
         "every activation: its memory is dominated by the cache itself (`held by result`), so the whole-process RSS "
         "target of figure 5 cannot hold for it — compare `own − held` instead. In a fresh process that remainder "
@@ -288,6 +287,13 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
         "",
     ]
     return "\n".join(lines)
+
+
+def _peers_section() -> str:
+    """The peers section of the current RESULTS.md (written by `make bench-peers`), kept as it is."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    begin = old.find("<!-- peers section: begin")
+    return "\n" + old[begin:] if begin >= 0 else ""
 
 
 def _stamp(load_start: str) -> str:
@@ -353,7 +359,7 @@ def main() -> None:
 
     index = bench_index.render(bench_index.run(), _stamp(load_start))
     text = render(info, inproc, sub, (load_start, common.load_average()), time.perf_counter() - t_start)
-    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch)
+    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch + _peers_section())
     log(f"wrote {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
     table = text.split("## Results", 1)[1].split("## Details", 1)[0].strip()
     print(table)
