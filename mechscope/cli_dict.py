@@ -31,9 +31,10 @@ def _load(model: str):
 
 
 def _dictionary(folder: str, m):
-    from mechscope.dictionaries import load_dictionary
+    """A dictionary folder in any format mechscope reads (its own, SAELens, sparsify), checked against the model."""
+    from mechscope.dictionaries import load_any
 
-    return load_dictionary(folder, model=m)
+    return load_any(folder, model=m)
 
 
 def harvest(

@@ -49,7 +49,7 @@ def test_lens_writes_html_and_png(monkeypatch, capsys, tmp_path):
 def test_sites_lists_every_site(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "sites", "--json")
     shapes = json.loads(out)
-    assert code == 0 and len(shapes) == 2 + 30 * 8
+    assert code == 0 and len(shapes) == 2 + 30 * 9
     assert shapes["blocks.0.mlp.hook_post"] == ["batch", "pos", 1536]
     assert shapes["blocks.29.attn.hook_z"] == ["batch", "pos", 9, 64]
 

@@ -297,6 +297,25 @@ def test_inner_reads_equal_module_inputs(case):
             assert torch.equal(cache[f"blocks.{L}.hook_resid_mid"], seen[(L, "mlp_norm")][0]), L
 
 
+def test_mlp_input_reads_equal_the_norm_output_and_writes_reach_the_mlp(case):
+    """ln2.hook_normalized is the output of the norm in front of the MLP, and what the MLP reads."""
+    model, hf = case.model, HF(case, case.reference)
+    L = mid_layer(case)
+    site = f"blocks.{L}.ln2.hook_normalized"
+    with capture(hf.sub(L, "mlp_norm"), inputs=False) as norm_out:
+        case.reference(case.ids)
+    assert torch.equal(clean(case).cache[site], norm_out[0])
+    new = clean(case).cache[site] + positions_delta(case, norm_out[0].shape, seed=4)
+    with capture(HF(case).sub(L, "mlp"), inputs=True) as mlp_in:
+        out = model.run(case.ids, read=[site, f"blocks.{L}.hook_mlp_out"], write={site: mechscope.replace(new)})
+    assert torch.equal(mlp_in[0], new)
+    with torch.no_grad():
+        expected = HF(case).sub(L, "mlp")(new)
+        if HF(case).m["post_mlp_norm"]:
+            expected = HF(case).sub(L, "post_mlp_norm")(expected)
+    assert_rel_close(case, out.cache[f"blocks.{L}.hook_mlp_out"], expected, what="mlp_out")
+
+
 def test_branch_outputs_are_residual_differences(case):
     cache = clean(case).cache
     for L in range(case.model.dims.n_layers):

@@ -13,6 +13,7 @@ BLOCK_KINDS = (
     "attn.hook_z",
     "hook_attn_out",
     "hook_resid_mid",
+    "ln2.hook_normalized",
     "mlp.hook_post",
     "hook_mlp_out",
     "hook_resid_post",
@@ -33,7 +34,7 @@ def test_site_names_per_family(tiny_model, family):
     names = model.site_names()
     pos_embed, resid_mid = family == "gpt2", family != "neox_parallel"
     assert names == expected_names(3, pos_embed, resid_mid)
-    assert len(names) == {"gpt2": 27, "neox_parallel": 23}.get(family, 26)
+    assert len(names) == {"gpt2": 30, "neox_parallel": 26}.get(family, 29)
     assert len(set(names)) == len(names)
     for name in names:
         assert model.site(name).name == name
@@ -49,7 +50,7 @@ def test_site_names_are_in_forward_order(tiny):
 @pytest.mark.slow
 def test_smollm2_sites(smollm2):
     names = smollm2.site_names()
-    assert len(names) == 30 * 8 + 2
+    assert len(names) == 30 * 9 + 2
     assert names == expected_names(30, pos_embed=False, resid_mid=True)
     assert smollm2.shape("blocks.29.attn.hook_pattern") == ("batch", 9, "q_pos", "k_pos")
     assert smollm2.shape("blocks.0.attn.hook_z") == ("batch", "pos", 9, 64)

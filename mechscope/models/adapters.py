@@ -35,6 +35,8 @@ class Adapter:
     """Module whose output is exactly what attention adds to the residual stream."""
     mlp_out: str
     """Module whose output is exactly what the MLP adds to the residual stream."""
+    mlp_norm: str
+    """The norm in front of the MLP; its output is `ln2.hook_normalized`, what the MLP reads."""
     neurons: str
     """Module whose input is the MLP's neurons (`mlp.hook_post`)."""
     heads_out: str
@@ -64,6 +66,7 @@ _LLAMA_LIKE = dict(
     attn="self_attn",
     attn_out="self_attn",
     mlp_out="mlp",
+    mlp_norm="post_attention_layernorm",
     neurons="mlp.down_proj",
     heads_out="self_attn.o_proj",
 )
@@ -76,7 +79,12 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_softcap="final_logit_softcapping",
         branch_norms=True,
         # Gemma 2 and 3 normalise each branch's output before adding it to the residual stream.
-        **{**_LLAMA_LIKE, "attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
+        **{
+            **_LLAMA_LIKE,
+            "attn_out": "post_attention_layernorm",
+            "mlp_out": "post_feedforward_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm",
+        },
     ),
     Adapter(
         name="phi3",
@@ -94,6 +102,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         attn="attn",
         attn_out="attn",
         mlp_out="mlp",
+        mlp_norm="ln_2",
         neurons="mlp.c_proj",
         heads_out="attn.c_proj",
     ),
@@ -107,6 +116,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         attn="attention",
         attn_out="post_attention_dropout",
         mlp_out="post_mlp_dropout",
+        mlp_norm="post_attention_layernorm",
         neurons="mlp.dense_4h_to_h",
         heads_out="attention.dense",
         parallel="use_parallel_residual",

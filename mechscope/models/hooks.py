@@ -202,6 +202,7 @@ class HookStack:
         for layer in by_kind.get("hook_attn_out", set()) | mids:
             self._on_output(model.block_module(layer, adapter.attn_out), partial(self._attn_out_hook, layer))
         for kind, path, point in (
+            ("ln2.hook_normalized", adapter.mlp_norm, self._on_output),
             ("hook_mlp_out", adapter.mlp_out, self._on_output),
             ("mlp.hook_post", adapter.neurons, self._on_input),
         ):

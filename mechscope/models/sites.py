@@ -19,6 +19,7 @@ BLOCK_KINDS: dict[str, tuple[str, ...]] = {
     "attn.hook_z": ("batch", "pos", "n_heads", "d_head"),
     "hook_attn_out": ("batch", "pos", "d_model"),
     "hook_resid_mid": ("batch", "pos", "d_model"),
+    "ln2.hook_normalized": ("batch", "pos", "d_model"),
     "mlp.hook_post": ("batch", "pos", "d_mlp"),
     "hook_mlp_out": ("batch", "pos", "d_model"),
     "hook_resid_post": ("batch", "pos", "d_model"),

@@ -43,9 +43,12 @@ def read_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise MechscopeError(f"{str(folder)!r} is not a dictionary folder: it has no {CONFIG}")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MechscopeError(f"{str(path)!r} is not valid JSON: {err.msg}") from None
+    if not isinstance(config, dict):
+        raise MechscopeError(f"{str(path)!r} holds a JSON {type(config).__name__}, not a dictionary config object")
+    return config
 
 
 def load_dictionary(folder: str | Path, model=None) -> Dictionary:
