@@ -6,6 +6,9 @@ A store is a folder of safetensors shards and a JSON manifest:
                               seed, shard size, and per shard its token count and a hash chaining its tokens
     shard-00000.safetensors   "acts" [n, n_sites, d] (float32, bfloat16 or float16), "tokens" [n] int32
 
+A store holds the corpus's training documents: every 20th document is held out for evaluation, as when
+a dictionary trains on activations streamed from the model (`mechscope.data.held_out`).
+
 Each shard holds `shard_contexts` contexts of the packed corpus, positions `skip`.. of each (the first
 positions are attention sinks with huge norms; see `mechscope.data.SKIP_POSITIONS`). A shard is written
 to a temporary file and renamed into place, then the manifest is rewritten the same way, so a harvest
@@ -29,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mechscope.activations.source import ModelSource, StreamSpec, read_contexts
+from mechscope.data import corpus, held_out
 from mechscope.errors import MechscopeError, one_of
 
 MANIFEST = "manifest.json"
@@ -112,7 +116,7 @@ def harvest(
     """
     out = Path(out)
     spec = StreamSpec(**{**asdict(spec), "chunk_contexts": settings.shard_contexts})
-    source = ModelSource(model, spec)
+    source = ModelSource(model, spec, held_out(corpus(spec.corpus, field=spec.field))[0])
     want = _settings_meta(model, source, settings)
     n_shards = -(-settings.tokens // want["shard_tokens"])
     manifest = _open_store(out, want)

@@ -137,7 +137,9 @@ class Dictionary(nn.Module):
         super().__init__()
         self.cfg = cfg
         R, W, D_in, D_out, F = len(cfg.read_sites), len(cfg.write_sites), cfg.d_in, cfg.d_out, cfg.d_sae
-        self.W_enc = nn.Parameter(torch.zeros(R * D_in, F))
+        # [R·d_in, F], stored latent-major (the transpose of a contiguous [F, R·d_in]): each latent's encoder
+        # column is contiguous, which is how the sparse products read and write it.
+        self.W_enc = nn.Parameter(torch.zeros(F, R * D_in).T)
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.W_dec = nn.Parameter(torch.zeros(F, W * D_out))
         self.b_dec = nn.Parameter(torch.zeros(W * D_out))
@@ -166,11 +168,20 @@ class Dictionary(nn.Module):
 
     # -- normalised space (training) --------------------------------------------------------------
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """z = (x - b_pre) W_enc + b_enc [B, F] without autograd; x [B, R·d_in] normalised."""
+    def pre_activations(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """z = (x - b_pre) W_enc + b_enc [B, F] without autograd; x [B, R·d_in] normalised.
+
+        With a lower `dtype` (bfloat16) the product runs in it: fast on CPUs with bfloat16 matrix units,
+        and good for choosing which latents are active, whose values `sparse.gather_pre` then computes exactly.
+        """
         with torch.no_grad():
             x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-            return torch.addmm(self.b_enc, x_in, self.W_enc)
+            if dtype is None or dtype == x.dtype:
+                return torch.addmm(self.b_enc, x_in, self.W_enc)
+            # the bias as one more input column: the product writes z in one pass, with no bias copy before it
+            ones = torch.ones(x_in.shape[0], 1, dtype=dtype, device=x.device)
+            weights = torch.cat([self.W_enc.T, self.b_enc[:, None]], dim=1).to(dtype)  # [F, R·d_in + 1]
+            return torch.cat([x_in.to(dtype), ones], dim=1) @ weights.T
 
     def forward_normalised(self, x: Tensor) -> DictOutput:
         """Encode and decode normalised inputs x [B, R·d_in]; the reconstruction is [B, W·d_out], normalised."""

@@ -75,22 +75,37 @@ class _GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b_enc = grad_by_latent
         if ctx.needs_input_grad[3]:  # W_enc's gradient [D, F] = (x - b_pre)^T G, from the N pairs alone
+            x_in = x - b_pre if b_pre is not None else x
             G_T = _pairs_matrix(rows, cols, grad, (B, F), transpose=True)  # [F, B]
-            grad_W_enc = torch.sparse.mm(G_T, x).T
-            if b_pre is not None:
-                grad_W_enc -= torch.outer(b_pre, grad_by_latent)
+            grad_W_enc = _like(torch.sparse.mm(G_T, x_in).T, W_enc)
         if b_pre is not None and ctx.needs_input_grad[2]:  # every token subtracts the same b_pre
             grad_b_pre = -(W_enc @ grad_by_latent)
         return None, None, grad_b_pre, grad_W_enc, grad_b_enc, None, None
 
 
+def _like(grad: Tensor, param: Tensor) -> Tensor:
+    """`grad` with the memory layout of `param` (no copy when they already agree)."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 def gather_pre(pre: Tensor, x: Tensor, b_pre: Tensor | None, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """The pre-activations [N] of the pairs (rows, cols), differentiable in W_enc, b_enc and b_pre.
 
-    `pre` [B, F] is `(x - b_pre) @ W_enc + b_enc`, computed without autograd; `x` [B, D] is the input
+    `pre` [B, F] is `(x - b_pre) @ W_enc + b_enc`, computed without autograd, in float32 (then the pairs'
+    values are read off it) or in a lower precision used only to select the pairs (then each pair's
+    value is computed again exactly, in x's dtype, as one dot product per pair). `x` [B, D] is the input
     before `b_pre` is subtracted (None: nothing is subtracted).
     """
-    return _GatherPre.apply(pre[rows, cols], x, b_pre, W_enc, b_enc, rows, cols)
+    if pre.dtype == x.dtype:
+        gathered = pre[rows, cols]
+    else:
+        with torch.no_grad():
+            x_in = (x - b_pre if b_pre is not None else x).contiguous()
+            dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                x_in, W_enc.T.contiguous(), cols, _offsets(rows, x.shape[0]), rows, 0, -1
+            )  # W_enc.T is already contiguous: the parameter is stored latent-major
+            gathered = dots + b_enc[cols]
+    return _GatherPre.apply(gathered, x, b_pre, W_enc, b_enc, rows, cols)
 
 
 def _offsets(rows: Tensor, batch: int) -> Tensor:

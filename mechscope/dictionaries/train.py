@@ -85,6 +85,10 @@ class TrainConfig:
     """Dead latents AuxK uses per token; None: d_in / 2."""
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss."""
+    selection_dtype: str = "bfloat16"
+    """Precision of the encoder product that chooses the active latents (bfloat16 or float32). Their values
+    and every gradient are float32 either way; bfloat16 only moves the choice at the k-th largest
+    pre-activation when two are within its rounding."""
     unit_norm_decoder: bool | None = None
     """Keep decoder rows at norm 1; None: for topk and batchtopk."""
     seed: int = 0
@@ -111,6 +115,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MechscopeError(f"{name}={value!r} is invalid: it must be a positive integer")
+        if self.selection_dtype not in ("bfloat16", "float32"):
+            raise MechscopeError(f"selection_dtype={self.selection_dtype!r} is invalid: give bfloat16 or float32")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_warmup_fraction <= 1:
             raise MechscopeError("decay_fraction and sparsity_warmup_fraction must be between 0 and 1")
 
@@ -134,10 +140,11 @@ class _Loss(nn.Module):
         super().__init__()
         self.dictionary, self.cfg = dictionary, cfg
         self.aux_k = cfg.aux_k or max(1, d_in // 2)
+        self.selection_dtype = {"float32": None, "bfloat16": torch.bfloat16}[cfg.selection_dtype]
 
     def forward(self, x_read: Tensor, x_write: Tensor, dead: Tensor, penalty_scale: float) -> dict[str, Tensor]:
         d = self.dictionary
-        z = d.pre_activations(x_read)
+        z = d.pre_activations(x_read, self.selection_dtype)
         rows, cols = d.activation.select(z)
         b_pre = d.b_dec if d.cfg.apply_b_dec_to_input else None
         z_pairs = gather_pre(z, x_read, b_pre, d.W_enc, d.b_enc, rows, cols)
@@ -247,7 +254,7 @@ class Trainer:
         ddp = loss_fn
         if self.ranks.world > 1:
             ddp = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=True)
-        optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=(0.9, 0.999), fused=True)
         since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long)
         start = 0
         if state is not None:
@@ -327,7 +334,7 @@ def evaluate_batch(dictionary: Dictionary, x_read: Tensor, x_write: Tensor) -> d
 def _remove_parallel_grad(W_dec: nn.Parameter) -> None:
     """Remove from each decoder row's gradient its component along the (unit) row."""
     if W_dec.grad is not None:
-        W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+        W_dec.grad.addcmul_(W_dec, torch.linalg.vecdot(W_dec.grad, W_dec)[:, None], value=-1)
 
 
 def train_dictionary(model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None) -> Dictionary:
