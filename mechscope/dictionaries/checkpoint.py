@@ -62,10 +62,10 @@ def restore(state: dict, dictionary, optimizer: torch.optim.Optimizer, since_fir
     dictionary.load_state_dict({k.removeprefix("dict."): v for k, v in tensors.items() if k.startswith("dict.")})
     for name, param in dictionary.named_parameters():
         if f"adam.{name}.exp_avg" in tensors:
-            optimizer.state[param] = {
+            optimizer.state[param] = {  # the moments take the parameter's memory layout, as Adam's own do
                 "step": torch.tensor(state["adam_steps"][name]),
-                "exp_avg": tensors[f"adam.{name}.exp_avg"].clone(),
-                "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].clone(),
+                "exp_avg": torch.empty_like(param).copy_(tensors[f"adam.{name}.exp_avg"]),
+                "exp_avg_sq": torch.empty_like(param).copy_(tensors[f"adam.{name}.exp_avg_sq"]),
             }
     since_fired.copy_(tensors["since_fired"])
     return int(state["step"])
