@@ -186,28 +186,35 @@ def _lr(cfg: TrainConfig, base: float, step: int) -> float:
 class Trainer:
     """Trains one dictionary; `run()` returns it. See the module docstring for the phases."""
 
-    def __init__(self, model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None):
+    def __init__(self, model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None, eval_source=None):
         self.model, self.cfg, self.out = model, cfg, Path(out)
         self.ranks = Ranks.from_environment()
         if cfg.batch_size % self.ranks.world:
             raise MechscopeError(f"batch_size={cfg.batch_size} does not split over {self.ranks.world} processes")
+        if model is None and source is None:
+            raise MechscopeError("training without a model needs the activations: pass source= (e.g. a TensorSource)")
         self.show = show_progress and self.ranks.main
-        self.read = [model.site(s).name for s in cfg.sites]
-        self.write = [model.site(s).name for s in (cfg.write_sites or cfg.sites)]
+        name = (lambda s: model.site(s).name) if model is not None else str
+        self.read = [name(s) for s in cfg.sites]
+        self.write = [name(s) for s in (cfg.write_sites or cfg.sites)]
         self.all_sites = list(dict.fromkeys(self.read + self.write))
-        self.d = site_width(model, self.all_sites)
-        self.source, self.eval_source = self._sources(source)
+        self.d = site_width(model, self.all_sites) if model is not None else source.d
+        self.source, self.eval_source = self._sources(source, eval_source)
 
-    def _sources(self, given=None):
+    def _sources(self, given=None, given_eval=None):
+        """The training source and the held-out one (from the model over held-out documents, unless given)."""
         cfg = self.cfg
+        for src in (given, given_eval):
+            if src is not None and list(src.sites) != self.all_sites:
+                raise MechscopeError(f"the activation source holds sites {list(src.sites)}, not {self.all_sites}")
+        if self.model is None:
+            return given, given_eval
         spec = StreamSpec(tuple(self.all_sites), cfg.corpus, ctx_len=cfg.ctx_len, skip=cfg.skip, seed=cfg.seed,
                           chunk_contexts=cfg.chunk_contexts)  # fmt: skip
         train_text, eval_text = held_out(corpus(cfg.corpus))
         eval_spec = dataclasses.replace(spec, chunk_contexts=-(-cfg.eval_tokens // spec.tokens_per_context))
-        eval_source = ModelSource(self.model, eval_spec, eval_text)
+        eval_source = given_eval or ModelSource(self.model, eval_spec, eval_text)
         if given is not None:
-            if list(given.sites) != self.all_sites:
-                raise MechscopeError(f"the activation source holds sites {list(given.sites)}, not {self.all_sites}")
             return given, eval_source
         if cfg.store is None:
             return ModelSource(self.model, spec, train_text), eval_source
@@ -230,8 +237,8 @@ class Trainer:
 
         dict_cfg = DictConfig(
             self.read, self.write, self.d, self.d, cfg.d_sae or cfg.expansion * self.d, cfg.activation, _activation_options(cfg),
-            skip_connection=cfg.skip_connection, matryoshka=cfg.matryoshka, model=self.model.name,
-            model_fingerprint=model_fingerprint(self.model), skip_positions=cfg.skip,
+            skip_connection=cfg.skip_connection, matryoshka=cfg.matryoshka, model=self.model.name if self.model else "",
+            model_fingerprint=model_fingerprint(self.model) if self.model else "", skip_positions=cfg.skip,
             input_scale=mean_norm_scales(sample[:, [index[s] for s in self.read]]),
             output_scale=mean_norm_scales(sample[:, [index[s] for s in self.write]]),
         )  # fmt: skip
@@ -259,7 +266,7 @@ class Trainer:
         start = 0
         if state is not None:
             start = checkpoint.restore(state, dictionary, optimizer, since_fired)
-        eval_batch = self._split(next(self.eval_source.chunks(0))[1][: cfg.eval_tokens])
+        eval_batch = self._split(next(self.eval_source.chunks(0))[1][: cfg.eval_tokens]) if self.eval_source else None
         metrics_file = self.out / "metrics.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
         if self.ranks.main:  # the log as it was at the checkpoint (empty for a new run)
@@ -268,6 +275,7 @@ class Trainer:
         last_save, shown = time.monotonic(), {}
         local = cfg.batch_size // self.ranks.world
         fields = "loss {task.fields[loss]:.4f} L0 {task.fields[l0]:.1f} FVU {task.fields[fvu]:.3f} dead {task.fields[dead]:.1%}"
+        started = time.perf_counter()
         with progress("train", fields, self.show) as bar:
             task = bar.add_task("train", total=cfg.steps, completed=start, loss=math.nan, l0=math.nan, fvu=math.nan, dead=0.0)
             for step, batch in batches(self.source, cfg.batch_size, cfg.seed, start):
@@ -298,8 +306,9 @@ class Trainer:
                          "fvu": float(out["mse"] / variance), "dead": dead_now}  # fmt: skip
                 bar.update(task, completed=step + 1, **shown)
                 record = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size, "lr": _lr(cfg, base_lr, step), **shown,
-                          "aux": float(out["aux"]), "penalty": float(out["penalty"])}  # fmt: skip
-                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                          "aux": float(out["aux"]), "penalty": float(out["penalty"]),
+                          "seconds": round(time.perf_counter() - started, 4)}  # fmt: skip
+                if eval_batch is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     record.update(evaluate_batch(dictionary, *eval_batch))
                 if self.ranks.main:
                     with metrics_file.open("a") as f:
@@ -337,15 +346,19 @@ def _remove_parallel_grad(W_dec: nn.Parameter) -> None:
         W_dec.grad.addcmul_(W_dec, torch.linalg.vecdot(W_dec.grad, W_dec)[:, None], value=-1)
 
 
-def train_dictionary(model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None) -> Dictionary:
+def train_dictionary(
+    model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None, eval_source=None
+) -> Dictionary:
     """Train a dictionary on `model` as `cfg` says, checkpointing into `out` and saving it to `out/dictionary`.
 
     The activations come from `source` when one is given (e.g. `activations.TensorSource` over a tensor
-    already in memory), else from `cfg.store`, else from the model as it runs over `cfg.corpus`.
+    already in memory), else from `cfg.store`, else from the model as it runs over `cfg.corpus`; the
+    held-out batch from `eval_source`, else from the model over held-out documents. With a source and
+    no model (`model=None`), training runs on the tensors alone (evaluating only with an `eval_source`).
 
     A run killed at any moment continues from `out/checkpoint` when started again with the same config,
     and ends with the same weights as a run that never stopped.
 
     >>> d = train_dictionary(model, TrainConfig(sites=["blocks.15.hook_resid_post"], k=64, tokens=5_000_000), "sae-l15")
     """
-    return Trainer(model, cfg, out, show_progress, source).run()
+    return Trainer(model, cfg, out, show_progress, source, eval_source).run()
