@@ -2,21 +2,26 @@
 
 Mounted on the main app in `mechscope.cli`; errors are `MechscopeError`s, printed there as one line.
 Without --db/--out, an index lives at `mechscope.index.build.default_index_path(model name)`.
+Every count is checked before any work (`cli_common.check_range`, and the index's own `SettingError`s
+worded with the option's name); an unfinished index gets a note on stderr with every command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from mechscope.cli_common import check_output, check_range, shown
 from mechscope.errors import MechscopeError
+from mechscope.index.settings import MAX_K, SettingError
 
 index_app = typer.Typer(
     no_args_is_help=True,
@@ -40,13 +45,38 @@ def _load(model: str):
     return mechscope.load(model)
 
 
+FLAGS = {"ctx_len": "--ctx-len", "batch_size": "--batch-size", "n": "-n"}
+"""Option names of the settings whose option is not simply --NAME."""
+
+
+@contextlib.contextmanager
+def _options() -> Iterator[None]:
+    """Word a `SettingError` with the option's name (--ctx-len for ctx_len)."""
+    try:
+        yield
+    except SettingError as err:
+        raise MechscopeError(err.worded(FLAGS.get(err.setting, "--" + err.setting.replace("_", "-")))) from None
+
+
+def _at_least_one(option: str, value: int, upto: str) -> None:
+    """The check before the index is open, which knows the upper bound (`upto`) and checks it then."""
+    if value < 1:
+        raise MechscopeError(f"{option} {value} is out of range: valid values are 1 up to {upto}")
+
+
 def _open(db: Path | None, model: str, need_model: bool = True):
-    """(Index, model): the model is loaded when needed for tokens, or to find the default database."""
+    """(Index, model): the model is loaded when needed for tokens, or to find the default database.
+
+    An unfinished index gets its note on stderr here, so that every command shows it.
+    """
     from mechscope.index.build import default_index_path
     from mechscope.index.query import Index
 
     m = _load(model) if need_model or db is None else None
-    return Index(db or default_index_path(m.name), model=m), m
+    index = Index(db or default_index_path(m.name), model=m, warn=False)
+    if index.unfinished:
+        Console(stderr=True).print(f"[yellow]note:[/] {shown(index.unfinished)}", highlight=False, soft_wrap=True)
+    return index, m
 
 
 def _contexts(text: str | None) -> tuple[int, int] | None:
@@ -77,21 +107,44 @@ def build(
     out: Annotated[Path | None, typer.Option(help="The database to write (resumed if unfinished).")] = None,
     model: ModelOpt = "default",
 ):
-    """Build (or resume) an index: one streaming pass over the corpus, checkpointed every minute."""
+    """Build (or resume) an index: one streaming pass over the corpus, checkpointed every minute.
+
+    A build that stops before its first checkpoint leaves nothing behind; a later one resumes from the last.
+    """
     from mechscope.index.build import IndexSettings, build_index, default_index_path
 
-    settings = IndexSettings(
-        corpus=corpus, field=field, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, k=k, seed=seed,
-        contexts=_contexts(contexts),
-    )  # fmt: skip
+    with _options():
+        settings = IndexSettings(
+            corpus=corpus, field=field, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, k=k, seed=seed,
+            contexts=_contexts(contexts),
+        )  # fmt: skip
+    out = check_output("--out", out)
     m = _load(model)
-    out = out or default_index_path(m.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out or check_output("--out", default_index_path(m.name))
     names = [s.strip() for spec in sites or () for s in spec.split(",") if s.strip()] or None
     start = time.perf_counter()
-    build_index(m, out, sites=names, settings=settings)
-    _console().print(f"index: {out.resolve()} ({time.perf_counter() - start:.1f} s)")
+    with _options(), _made_folders(out.parent):
+        build_index(m, out, sites=names, settings=settings)
+    _console().print(f"index: {shown(out.resolve())} ({time.perf_counter() - start:.1f} s)")
     info(db=out, model=model, as_json=False)
+
+
+@contextlib.contextmanager
+def _made_folders(folder: Path) -> Iterator[None]:
+    """Create `folder` (and missing parents) for the block; remove the ones it made if the block fails and left them empty."""
+    made = []
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for path in reversed(made):
+        path.mkdir()
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):  # not empty: something was written there
+                path.rmdir()
+        raise
 
 
 @index_app.command()
@@ -108,10 +161,12 @@ def show(
     from mechscope.index.card import unit_card
     from mechscope.viz import index_views as views
 
+    check_range("-n", n, 1, MAX_K, " (top examples to show: at most the index's k, which is at most 1024)")
+    html, png = check_output("--html", html), check_output("--png", png, ".png")
     index, m = _open(db, model)
-    with index:
+    with index, _options():
+        examples = index.top(unit, n)
         card = unit_card(index, unit, model=m)
-        examples = index.top(card.unit, n)
         strata = index.samples(card.unit) if samples else []
     console = _console()
     for table in views.card_tables(card):
@@ -137,18 +192,19 @@ def search(
     model: ModelOpt = "default",
 ):
     """Units whose top examples sit most often on TEXT's (last) token, the rest of TEXT preceding it."""
-    index, m = _open(db, model)
+    _at_least_one("-n", n, "the units in the index")
     if token_id and not text.strip().isdigit():
         raise MechscopeError(f"--id needs a token id, got {text!r}")
+    index, m = _open(db, model)
     query = int(text) if token_id else text
-    with index:
+    with index, _options():
         hits = index.search(query, n)
         ids = [query] if token_id else index.search_ids(text)
         seen = index.token_count(ids[-1])
     console = _console()
-    shown = escape(repr("".join(m.to_str_tokens(ids))))
+    searched = shown(repr("".join(m.to_str_tokens(ids))))
     console.print(
-        f"units whose top examples sit on {shown} (token ids {ids}; the last occurs {seen:,} times in the indexed contexts)"
+        f"units whose top examples sit on {searched} (token ids {ids}; the last occurs {seen:,} times in the indexed contexts)"
     )
     if not hits:
         console.print("no unit has a top example there")
@@ -171,8 +227,9 @@ def rank(
     model: ModelOpt = "default",
 ):
     """Units ranked by density, max or mean activation."""
+    _at_least_one("-n", n, "the units in the index")
     index, _ = _open(db, model, need_model=False)
-    with index:
+    with index, _options():
         rows = index.rank(by=by, n=n, site=site, ascending=ascending)
     table = Table(title=f"units by {by}, {'lowest' if ascending else 'highest'} first", title_justify="left")
     for column in ("unit", "density", "max", "mean", "std"):
@@ -190,9 +247,10 @@ def merge(
     """Merge index shards built over disjoint context ranges (`index build --contexts`) into one."""
     from mechscope.index.build import merge_indexes
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merge_indexes(list(parts), out)
-    _console().print(f"merged {len(parts)} shards into {out.resolve()}")
+    out = check_output("--out", out)
+    with _made_folders(out.parent):
+        merge_indexes(list(parts), out)
+    _console().print(f"merged {len(parts)} shards into {shown(out.resolve())}")
     info(db=out, model="default", as_json=False)
 
 
@@ -210,11 +268,11 @@ def info(
         print(json.dumps({"path": str(index.path), **meta}, indent=2))
         return
     sites = meta["sites"]
-    shown = ", ".join(sites) if len(sites) <= 4 else f"{sites[0]} ... {sites[-1]} ({len(sites)} sites)"
+    listed = ", ".join(sites) if len(sites) <= 4 else f"{sites[0]} ... {sites[-1]} ({len(sites)} sites)"
     rows = [
         ("database", f"{index.path} ({index.path.stat().st_size / 2**20:.1f} MiB)"),
         ("model", f"{meta['model']} (fingerprint {meta['model_fingerprint']})"),
-        ("sites", shown),
+        ("sites", listed),
         ("units", f"{meta['units']:,}"),
         ("corpus", f"{meta['corpus']} (hash {meta.get('corpus_hash', 'not yet: unfinished')})"),
         ("contexts", f"{meta['contexts'][0]}:{meta['contexts'][1]} of {meta['ctx_len']} tokens, {meta['contexts_done']} done"),
@@ -226,5 +284,5 @@ def info(
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in rows:
-        table.add_row(key, escape(str(value)))
+        table.add_row(key, shown(value))
     _console().print(table)

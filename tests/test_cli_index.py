@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
+import duckdb
 import pytest
 from conftest import index_for_another_model
 from test_cli import run_main
@@ -108,6 +110,24 @@ def test_build_default_path(monkeypatch, capsys, tmp_path):
         ),
         (["build", "--corpus", "{jsonl}", "--field", "title", "--out", "{missing}"], "has no field 'title'"),
         (["build", "--sites", "blocks.40.mlp.hook_post", "--out", "{missing}"], "layer 40 out of range"),
+        # every count: the option, the value and the valid range, before any work
+        (["show", "5:10", "-n", "-1", "--db", "{db}"], "-n -1 is out of range: valid values are 1..1024"),
+        (["show", "5:10", "-n", "21", "--db", "{db}"], "-n 21 is out of range: valid values are 1..20 (the index keeps"),
+        (["search", " the", "-n", "-1", "--db", "{db}"], "-n -1 is out of range: valid values are 1 up to the units"),
+        (["rank", "-n", "-1", "--db", "{db}"], "-n -1 is out of range: valid values are 1 up to the units"),
+        (["rank", "-n", "5000", "--db", "{db}"], "-n 5000 is out of range: valid values are 1..3,072 (units in this index)"),
+        (["build", "--ctx-len", "0", "--out", "{missing}"], "--ctx-len 0 is out of range: valid values are 5..32767"),
+        (["build", "--ctx-len", "9000", "--out", "{missing}"], "--ctx-len 9000 is out of range: valid values are 5..8192"),
+        (["build", "--tokens", "0", "--out", "{missing}"], "--tokens 0 is out of range: valid values are 1 up to"),
+        (["build", "--tokens", "1000000000000", "--out", "{missing}"], "--tokens 1000000000000 is out of range: valid values"),
+        (["build", "--tokens", "5000", "--corpus", "{text}", "--out", "{missing}"], "valid values are 1..1,"),
+        (["build", "--k", "0", "--out", "{missing}"], "--k 0 is out of range: valid values are 1..1024"),
+        (["build", "--batch-size", "5000", "--out", "{missing}"], "--batch-size 5000 is out of range: valid values are 1..1024"),
+        (["build", "--contexts", "5:3", "--out", "{missing}"], "--contexts 5:3 is out of range: valid values are START:STOP"),
+        # a directory where a database belongs: one line, no circular advice
+        (["show", "5:10", "--db", "{folder}"], "is a directory, not an index database: give the database file (it holds"),
+        (["info", "--db", "{folder}"], "is a directory, not an index database"),
+        (["build", "--out", "{folder}"], "is a folder: give a file path"),
     ],
 )
 def test_bad_input_one_line(monkeypatch, capsys, db, tmp_path, argv, message):
@@ -116,12 +136,18 @@ def test_bad_input_one_line(monkeypatch, capsys, db, tmp_path, argv, message):
     empty, jsonl = tmp_path / "empty.txt", tmp_path / "notes.jsonl"
     empty.write_text("  \n\n")
     jsonl.write_text('{"body": "Some text.", "id": 1}\n')
+    text, folder = tmp_path / "small.txt", tmp_path / "folder"
+    text.write_text("A short corpus. " * 400)  # about 1,600 tokens: under 5,000
+    folder.mkdir()
+    (folder / "a.duckdb").write_bytes(b"")
     paths = {
         "missing": str(tmp_path / "none.duckdb"),
         "garbage": str(garbage),
         "db": db,
         "empty": str(empty),
         "jsonl": str(jsonl),
+        "text": str(text),
+        "folder": str(folder),
     }
     if any("{other}" in a for a in argv):
         paths["other"] = str(index_for_another_model(db, tmp_path))
@@ -129,3 +155,31 @@ def test_bad_input_one_line(monkeypatch, capsys, db, tmp_path, argv, message):
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "none.duckdb").exists()  # nothing half-made is left behind
+
+
+def test_an_unfinished_index_says_so_in_every_command(monkeypatch, capsys, db, tmp_path):
+    """The note goes to stderr (so --json stays JSON); numbers are those of the index, never -inf."""
+    unfinished = tmp_path / "unfinished.duckdb"
+    shutil.copy(db, unfinished)
+    with duckdb.connect(str(unfinished)) as con:  # as if the build had stopped halfway through
+        con.execute("""UPDATE meta SET value = '[0, 32]' WHERE key = 'contexts'""")
+        con.execute("""UPDATE meta SET value = 'false' WHERE key = 'complete'""")
+    note = "note: index built over 2,048 of 4,096 tokens (unfinished: run the same `mechscope index build` again to continue)"
+    for argv in (["show", "5:10", "-n", "2"], ["search", " the", "-n", "2"], ["rank", "-n", "2"], ["info"], ["info", "--json"]):
+        code, out, err = run_main(monkeypatch, capsys, "index", *argv, "--db", str(unfinished))
+        assert code == 0 and note in " ".join(err.split()), (argv, err)
+        assert "inf" not in out.replace("info", "")
+    assert json.loads(out)["complete"] is False
+    code, _, err = run_main(monkeypatch, capsys, "index", "info", "--db", db)
+    assert code == 0 and "note" not in err
+
+
+def test_a_failed_build_leaves_nothing_and_the_corrected_one_runs(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "new" / "deeper" / "index.duckdb"
+    common = ["index", "build", "--sites", "blocks.0.mlp.hook_post", "--ctx-len", "32", "--batch-size", "2", "--out", str(out)]
+    code, _, err = run_main(monkeypatch, capsys, *common, "--tokens", "10000000")
+    assert code == 2 and "--tokens 10000000 is out of range" in err
+    assert not (tmp_path / "new").exists()  # nor the folders made for it
+    code, out_text, err = run_main(monkeypatch, capsys, *common, "--tokens", "128")
+    assert code == 0, err
+    assert out.is_file() and "complete" in out_text

@@ -1,12 +1,17 @@
 """Index builds on SmolLM2 and the built-in corpus: values match the model, kill -9 resumes to the identical
-result, shards merge to one build, and bad databases or settings get one line."""
+result, shards merge to one build, bad databases or settings get one line, a failed build leaves nothing
+that blocks the next one, an unfinished index says so, and a resumed one takes no more disk."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import duckdb
 import numpy as np
@@ -14,8 +19,11 @@ import pytest
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.index import build as build_module
 from mechscope.index import store
 from mechscope.index.build import IndexSettings, build_index, merge_indexes
+from mechscope.index.query import Index, UnfinishedIndexWarning
+from mechscope.index.settings import SettingError
 
 pytestmark = pytest.mark.slow
 
@@ -184,3 +192,112 @@ def test_an_index_of_an_older_format_is_named_as_such(whole, tmp_path):
     with pytest.raises(MechscopeError, match=f"is not a mechscope index of format {store.FORMAT}: rebuild it"):
         store.open_index(old)
     assert store.stored_format(tmp_path / "none.duckdb") is None
+
+
+class Stop(Exception):
+    """Raised inside a build to stop it where a test wants."""
+
+
+def _stop_after(monkeypatch, batches: int) -> None:
+    """Make builds raise `Stop` when they are about to run batch number `batches` (0: the first)."""
+    real, calls = build_module._fold, [0]
+
+    def fold(*args, **kw):
+        if calls[0] == batches:
+            raise Stop
+        calls[0] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build_module, "_fold", fold)
+
+
+def _left(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_build_that_fails_before_its_first_checkpoint_leaves_nothing(smollm2, whole, tmp_path, monkeypatch):
+    path = tmp_path / "index.duckdb"
+    for bad, message in [  # refused before any file is written
+        (dict(ctx_len=10_000), "ctx_len 10000 is out of range: valid values are 5..8192 (SmolLM2-135M-Instruct's context"),
+        (dict(contexts=(0, 10**6)), "contexts 0:1000000 is out of range: valid values are START:STOP within 0:"),
+    ]:
+        with pytest.raises(SettingError, match=re.escape(message)):
+            _build(smollm2, path, **bad)
+        assert _left(tmp_path) == []
+    _stop_after(monkeypatch, 2)  # fails in the stream, after the file was made and before the first checkpoint
+    with pytest.raises(Stop):
+        build_index(smollm2, path, sites=SITES, settings=IndexSettings(contexts=(0, 24), **SMALL), progress=False)
+    assert _left(tmp_path) == []
+    monkeypatch.undo()
+    _build(smollm2, path)  # the corrected command runs as if nothing had happened
+    _assert_same(_tables(path), _tables(whole))
+
+
+def test_an_index_with_no_context_yet_is_started_afresh(smollm2, whole, tmp_path, monkeypatch):
+    """A file left with no context (killed before its first checkpoint) does not block a build with other settings."""
+    path = tmp_path / "index.duckdb"
+    _stop_after(monkeypatch, 0)
+    monkeypatch.setattr(build_module, "_discard_if_empty", lambda con, out: None)  # as after kill -9
+    with pytest.raises(Stop):
+        _build(smollm2, path, k=6)
+    assert store.read_meta(duckdb.connect(str(path), read_only=True))["contexts_done"] == 0
+    monkeypatch.undo()
+    with pytest.raises(MechscopeError, match="holds no tokens yet: its build stopped before its first checkpoint"):
+        Index(path).stats("0:1")
+    _build(smollm2, path)  # k=5 now: not refused for 'was built with k=6'
+    _assert_same(_tables(path), _tables(whole))
+
+
+def test_an_unfinished_index_says_so_on_every_query(smollm2, tmp_path, monkeypatch):
+    path = tmp_path / "index.duckdb"
+    _stop_after(monkeypatch, 2)
+    with pytest.raises(Stop):
+        _build(smollm2, path)  # checkpoints after batches 1 and 2 (4 contexts each), then stops
+    note = "index built over 256 of 768 tokens (unfinished: run the same `mechscope index build` again to continue)"
+    with Index(path, model=smollm2) as index:
+        assert index.unfinished == note
+        for query in (
+            lambda: index.stats("0:5"),
+            lambda: index.top("0:5", 3),
+            lambda: index.samples("0:5"),
+            lambda: index.histogram("0:5"),
+            lambda: index.rank(n=3),
+            lambda: index.search(" the", n=3),
+        ):
+            with pytest.warns(UnfinishedIndexWarning, match=re.escape(note)):
+                query()
+        with pytest.warns(UnfinishedIndexWarning):
+            assert math.isfinite(index.stats("0:5").max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Index(path, warn=False) as quiet:
+            quiet.top("0:5", 2)
+
+
+def test_a_resumed_index_takes_no_more_disk_than_one_built_at_once(smollm2, whole, tmp_path, monkeypatch):
+    """Written at once (one checkpoint), and resumed over six runs of one batch each: the same tables, no
+    more disk for the resumed one, and nothing left beside them."""
+    once = tmp_path / "once.duckdb"
+    settings = IndexSettings(contexts=(0, 24), **SMALL)
+    build_index(smollm2, once, sites=SITES, settings=settings, checkpoint_seconds=1e9, progress=False)
+    resumed, runs = tmp_path / "resumed.duckdb", 0
+    while not resumed.exists() or not store.read_meta(duckdb.connect(str(resumed), read_only=True))["complete"]:
+        _stop_after(monkeypatch, 1)
+        with contextlib.suppress(Stop):
+            _build(smollm2, resumed)
+        monkeypatch.undo()
+        runs += 1
+    assert runs == 6
+    _assert_same(_tables(once), _tables(whole))
+    _assert_same(_tables(resumed), _tables(whole))
+    sizes = {"once": once.stat().st_size, "resumed": resumed.stat().st_size}
+    assert sizes["resumed"] <= sizes["once"], sizes
+    assert _left(tmp_path) == ["once.duckdb", "resumed.duckdb"]  # no copy or log left beside them
+
+
+def test_a_directory_is_not_a_database(smollm2, tmp_path):
+    (tmp_path / "a.duckdb").write_bytes(b"")
+    for call in (lambda: store.open_index(tmp_path), lambda: _build(smollm2, tmp_path), lambda: Index(tmp_path)):
+        with pytest.raises(MechscopeError, match="is a directory, not an index database: give the database file") as err:
+            call()
+        assert "\n" not in str(err.value) and "a.duckdb" in str(err.value) and "--out" not in str(err.value)

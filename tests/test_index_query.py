@@ -101,10 +101,14 @@ def test_samples_sit_in_their_range_with_their_quantiles(index, acts):
     v = _unit_acts(acts, unit)[:, SKIP:].flatten()
     strata = index.samples(unit)
     assert strata and [s.stratum for s in strata] == sorted(s.stratum for s in strata)
+    assert strata[0].low < 0 < strata[-1].high  # ranges of either sign
     for s in strata:
         assert 1 <= len(s.examples) <= index.meta["n_samples"]
-        for ex in s.examples:
-            assert s.low <= ex.value < s.high and abs(float(_unit_acts(acts, unit)[ex.ctx, ex.pos]) - ex.value) <= 1e-4
+        for ex in s.examples:  # negative ranges are (low, high], positive ones [low, high), the middle one (low, high)
+            inside = (
+                s.low < ex.value <= s.high if s.high < 0 else s.low <= ex.value < s.high if s.low > 0 else abs(ex.value) < s.high
+            )
+            assert inside and abs(float(_unit_acts(acts, unit)[ex.ctx, ex.pos]) - ex.value) <= 1e-4
             assert np.isnan(ex.acts).sum() == len(ex.acts) - 1 and ex.acts[ex.at] == np.float32(ex.value)
         assert s.q_low == pytest.approx(float((v < s.low).float().mean()), abs=2 / len(v))
         assert s.q_high == pytest.approx(float((v < s.high).float().mean()), abs=2 / len(v))
@@ -206,8 +210,9 @@ def test_card(index, smollm2):
     assert [t.token_id for t in card.suppressed] == (-manual).topk(10).indices.tolist()
     np.testing.assert_allclose([t.weight for t in card.promoted], manual.topk(10).values.numpy(), rtol=1e-5)
     assert card.promoted[0].token == smollm2.tokenizer.decode([card.promoted[0].token_id])
-    # input tokens: the mean over the top examples and samples (each token place once) that sit on the token
-    places = {(ex.ctx, ex.pos): ex for ex in index.top("5:10", 20) + [e for s in index.samples("5:10") for e in s.examples]}
+    # input tokens: the mean over the top examples and active samples (each token place once) that sit on the token
+    active = [e for s in index.samples("5:10") for e in s.examples if e.value > 0]
+    places = {(ex.ctx, ex.pos): ex for ex in index.top("5:10", 20) + active}
     first = card.input_tokens[0]
     on_it = [ex.value for ex in places.values() if ex.token_id == first.token_id]
     assert first.count == len(on_it) and first.mean == pytest.approx(np.mean(on_it))
@@ -246,3 +251,15 @@ def test_views(index, tmp_path):
     assert "<svg" in page and "<script" not in page and "quantiles" in page and "class='tok at'" in page  # light: no plotly.js
     png = index_views.histogram_png(card.histogram, tmp_path / "h.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_counts_are_checked_before_the_query(index):
+    for call, message in [
+        (lambda: index.top("5:10", n=0), "n 0 is out of range: valid values are 1..20 (the index keeps each unit's top 20)"),
+        (lambda: index.top("5:10", n=21), "n 21 is out of range: valid values are 1..20"),
+        (lambda: index.rank(n=-1), "n -1 is out of range: valid values are 1..3,072 (units in this index)"),
+        (lambda: index.search(" the", n=-1), "n -1 is out of range: valid values are 1..3,072"),
+    ]:
+        with pytest.raises(MechscopeError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+            call()
+        assert "\n" not in str(err.value) and "SELECT" not in str(err.value)

@@ -1,11 +1,13 @@
 """Max-activating examples, histograms and densities of neurons (and any site's dimensions), in DuckDB."""
 
-from mechscope.index.build import IndexSettings, build_index, default_index_path, merge_indexes
+from mechscope.index.build import build_index, default_index_path, merge_indexes
 from mechscope.index.card import UnitCard, unit_card
-from mechscope.index.query import Example, Index
+from mechscope.index.query import Example, Index, UnfinishedIndexWarning
+from mechscope.index.settings import IndexSettings, SettingError
 
 __all__ = [
     "IndexSettings",
+    "SettingError",
     "build_index",
     "default_index_path",
     "merge_indexes",
@@ -13,4 +15,5 @@ __all__ = [
     "unit_card",
     "Example",
     "Index",
+    "UnfinishedIndexWarning",
 ]

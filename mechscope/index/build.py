@@ -2,8 +2,10 @@
 
 Phases of `build_index`:
 
-1. plan: check the sites, number their units, and open (or create) the database. An existing
-   database must be for the same model and settings; if it is unfinished, the build resumes.
+1. plan: check the settings against the model and the corpus, check the sites and number their
+   units, and only then open (or create) the database. An existing database must be for the same
+   model and settings; if it is unfinished, the build resumes (one that holds no context yet is
+   started afresh). A new database that a build leaves before its first checkpoint is removed.
 2. stream: pack the corpus into contexts (seeded, reproducible), run the model on each batch,
    reading only the chosen sites and stopping after the deepest one, and fold every site's
    activations into `UnitStats`. The first `skip` positions of each context are left out of the
@@ -13,16 +15,20 @@ Phases of `build_index`:
    and the progress in one transaction. A build killed at any moment resumes from its last
    checkpoint, re-reading the corpus to the same place, and ends identical to an uninterrupted one.
    Asking an existing index for more tokens continues it the same way.
+4. compact: a build that ends complete with more than a tenth of its file free (the space of rows
+   replaced at checkpoints) copies the database into a fresh file that replaces it, so that an
+   index resumed over many checkpoints takes no more disk than one written at once.
 
 `merge_indexes` joins shards built over disjoint ranges of the same packed corpus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import time
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,56 +40,15 @@ from mechscope.data import corpus as make_corpus
 from mechscope.data import pack
 from mechscope.errors import MechscopeError
 from mechscope.index import store
+from mechscope.index.settings import IndexSettings, check_against
 from mechscope.index.stats import HIGH_EXP, LOW_EXP, PER_OCTAVE, UnitStats
 from mechscope.index.units import IndexedSite, plan_sites, unit_names
 from mechscope.models.load import cache_dir
 
+__all__ = ["IndexSettings", "build_index", "default_index_path", "merge_indexes"]
+
 # Settings two builds must share to be resumed or merged.
 SHARED = ("model_fingerprint", "sites", "corpus", "ctx_len", "batch_size", "seed", "skip", "k", "n_samples", "threshold", "bins")
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """How an index is built."""
-
-    corpus: str | None = None
-    """Corpus spec: None for the built-in CPython documentation, a .txt/.jsonl/.parquet file or folder, or hf:NAME."""
-    field: str = "text"
-    """Text field of JSONL records or Parquet rows."""
-    tokens: int = 100_000
-    """Tokens to read (rounded up to whole contexts), when `contexts` is not given."""
-    ctx_len: int = 128
-    """Tokens per context, the start token included."""
-    batch_size: int = 8
-    """Contexts per forward pass."""
-    k: int = 20
-    """Top examples kept per unit."""
-    n_samples: int = 5
-    """Samples kept per octave of activation per unit."""
-    threshold: float = 0.0
-    """A token counts towards a unit's density when its activation is above this."""
-    seed: int = 0
-    """Shuffle seed of the corpus's documents."""
-    skip: int = 4
-    """Positions at the start of each context that are not scored: the start token and the first text tokens."""
-    contexts: tuple[int, int] | None = None
-    """Build only contexts start..stop-1 (a shard); start must be a multiple of batch_size."""
-
-    def __post_init__(self):
-        if not 1 <= self.skip < self.ctx_len:
-            raise MechscopeError(f"skip {self.skip} out of range: give 1..{self.ctx_len - 1} (the start token is never scored)")
-        for name in ("tokens", "batch_size", "k", "n_samples"):
-            if getattr(self, name) < 1:
-                raise MechscopeError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.contexts is not None:
-            start, stop = self.contexts
-            if not 0 <= start < stop:
-                raise MechscopeError(f"bad context range {start}:{stop}: give START:STOP with 0 <= START < STOP")
-            if start % self.batch_size:
-                raise MechscopeError(f"shard start {start} is not a multiple of the batch size {self.batch_size}")
-
-    def context_range(self) -> tuple[int, int]:
-        return self.contexts or (0, -(-self.tokens // self.ctx_len))
 
 
 def default_index_path(model_name: str) -> Path:
@@ -161,43 +126,102 @@ def build_index(
 ) -> Path:
     """Build (or resume) the index of `sites` (default: every MLP neuron) over a corpus into the DuckDB file `out`.
 
+    Every check (settings, sites, corpus, the output path, an existing file's settings) comes before
+    anything is written; bad input raises `MechscopeError` (`SettingError` for a setting out of range).
+
     >>> build_index(mechscope.load(), "neurons.duckdb", settings=IndexSettings(tokens=100_000))
     """
     settings = settings or IndexSettings()
-    out = Path(out)
+    out = _writable(Path(out))
     planned = plan_sites(model, sites)
     source = make_corpus(settings.corpus, field=settings.field)
+    check_against(settings, model, source)
     want = _meta(model, planned, settings, source.id)
-    start, stop = settings.context_range()
-
-    existed = out.exists()
-    con = store.open_index(out, read_only=False) if existed else store.create(out)
+    span = settings.context_range()
+    fresh = not out.exists() or _holds_nothing(out)
+    con = store.create(out) if fresh else store.open_index(out, read_only=False)
     try:
-        if existed:
-            have = store.read_meta(con)
-            _check_same(out, have, want)
-            done = have["contexts_done"]
-            if have["contexts"][0] != start or stop < start + done:
-                raise MechscopeError(
-                    f"{str(out)!r} holds contexts {have['contexts'][0]}..{have['contexts'][0] + done - 1}, "
-                    f"which a build of contexts {start}..{stop - 1} cannot continue: use another --out"
-                )
-            if stop != have["contexts"][1]:  # a longer build continues where the shorter one ended
-                store.write_meta(con, {"contexts": [start, stop], "complete": False})
-            stats = store.read_stats(con, settings.k, settings.n_samples, settings.threshold, settings.ctx_len)
-        else:
-            stats = UnitStats.empty(sum(s.width for s in planned), settings.k, settings.n_samples, settings.threshold)
-            done = 0
-            con.execute("BEGIN")
-            store.write_meta(con, {**want, "contexts": [start, stop], "contexts_done": 0, "tokens_seen": 0, "complete": False})
-            store.write_sites(con, [(s.site, s.layer, s.first_unit, s.width) for s in planned])
-            store.write_stats(con, stats, unit_names(planned), settings.ctx_len)
-            con.execute("COMMIT")
-        if start + done < stop:
-            _stream(model, con, planned, source, settings, stats, (start, stop), done, checkpoint_seconds, progress)
+        stats, done = _begin(con, planned, settings, want, span) if fresh else _resume(con, out, settings, want, span)
+        stale = out.with_name(out.name + ".compact").exists()  # a compaction that was cut short
+        if span[0] + done < span[1]:
+            _stream(model, con, planned, source, settings, stats, span, done, checkpoint_seconds, progress)
+        if (span[0] + done < span[1] or stale) and store.read_meta(con)["complete"] and store.free_share(con) > 0.1:
+            store.compact(con, out)
+    except BaseException:
+        if fresh:
+            _discard_if_empty(con, out)
+        raise
     finally:
         con.close()
     return out
+
+
+def _writable(out: Path) -> Path:
+    """`out` if a database file can be written there; one line naming the path otherwise."""
+    if out.is_dir():
+        raise MechscopeError(store.not_a_file(out))
+    if not out.parent.is_dir():
+        raise MechscopeError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise MechscopeError(f"cannot write {str(out)!r}: no permission to write there")
+    return out
+
+
+def _holds_nothing(out: Path) -> bool:
+    """True (and the file removed) for an index that holds no context yet: a new build starts afresh there."""
+    con = store.open_index(out)
+    try:
+        empty = store.read_meta(con).get("contexts_done", 0) == 0
+    finally:
+        con.close()
+    if empty:
+        _remove(out)
+    return empty
+
+
+def _remove(out: Path) -> None:
+    for path in (out, out.with_name(out.name + ".wal")):
+        path.unlink(missing_ok=True)
+
+
+def _discard_if_empty(con, out: Path) -> None:
+    """Remove a database this build created if the build stopped before its first checkpoint."""
+    with contextlib.suppress(Exception):  # no transaction was open
+        con.execute("ROLLBACK")
+    try:
+        done = store.read_meta(con).get("contexts_done", 0)
+    except Exception:  # noqa: BLE001 (cannot tell what it holds: leave it)
+        return
+    if done == 0:
+        con.close()
+        _remove(out)
+
+
+def _begin(con, planned: list[IndexedSite], settings: IndexSettings, want: dict, span) -> tuple[UnitStats, int]:
+    """Write a new index's settings, sites and empty statistics; (statistics, contexts done = 0)."""
+    stats = UnitStats.empty(sum(s.width for s in planned), settings.k, settings.n_samples, settings.threshold, settings.seed)
+    con.execute("BEGIN")
+    store.write_meta(con, {**want, "contexts": list(span), "contexts_done": 0, "tokens_seen": 0, "complete": False})
+    store.write_sites(con, [(s.site, s.layer, s.first_unit, s.width) for s in planned])
+    store.write_stats(con, stats, unit_names(planned), settings.ctx_len)
+    con.execute("COMMIT")
+    return stats, 0
+
+
+def _resume(con, out: Path, settings: IndexSettings, want: dict, span) -> tuple[UnitStats, int]:
+    """An existing index's statistics and contexts done, after checking it was built the same way."""
+    have = store.read_meta(con)
+    _check_same(out, have, want)
+    (start, stop), done = span, have["contexts_done"]
+    if have["contexts"][0] != start or stop < start + done:
+        raise MechscopeError(
+            f"{str(out)!r} holds contexts {have['contexts'][0]}..{have['contexts'][0] + done - 1}, "
+            f"which a build of contexts {start}..{stop - 1} cannot continue: use another --out"
+        )
+    if stop != have["contexts"][1]:  # a longer build continues where the shorter one ended
+        store.write_meta(con, {"contexts": [start, stop], "complete": False})
+    s = settings
+    return store.read_stats(con, s.k, s.n_samples, s.threshold, s.ctx_len, s.seed), done
 
 
 def _stream(model, con, planned, source, settings, stats, span, done, checkpoint_seconds, progress) -> None:
@@ -266,17 +290,38 @@ def corpus_hash(con) -> str:
 
 
 def merge_indexes(parts: list[Path | str], out: Path | str) -> Path:
-    """One index from shards of the same build settings over disjoint context ranges (in any order)."""
+    """One index from shards of the same build settings over disjoint context ranges (in any order).
+
+    Raises `MechscopeError` for fewer than two shards, an unfinished one, different settings or
+    overlapping contexts, and for an `out` that exists; a merge that fails leaves no `out` behind.
+    """
     if len(parts) < 2:
         raise MechscopeError(f"give at least two index databases to merge, got {len(parts)}")
-    out = Path(out)
+    out = _writable(Path(out))
     if out.exists():
         raise MechscopeError(f"{str(out)!r} already exists: merge into a new file")
-    metas, cons = [], []
-    for part in parts:
-        con = store.open_index(part)
-        metas.append(store.read_meta(con))
-        cons.append(con)
+    cons = []
+    try:
+        for part in parts:
+            cons.append(store.open_index(part))
+        metas = [store.read_meta(con) for con in cons]
+        order = _check_shards(parts, metas)
+        merged = store.create(out)
+        try:
+            _write_merged(merged, [cons[i] for i in order], [metas[i] for i in order])
+        except BaseException:
+            merged.close()
+            _remove(out)
+            raise
+        merged.close()
+    finally:
+        for con in cons:
+            con.close()
+    return out
+
+
+def _check_shards(parts: list, metas: list[dict]) -> list[int]:
+    """The shards in context order, after checking they are complete, alike and disjoint."""
     order = sorted(range(len(parts)), key=lambda i: metas[i]["contexts"][0])
     first = metas[order[0]]
     for i in order:
@@ -288,40 +333,39 @@ def merge_indexes(parts: list[Path | str], out: Path | str) -> Path:
     for a, b in zip(order, order[1:], strict=False):
         if metas[a]["contexts"][1] > metas[b]["contexts"][0]:
             raise MechscopeError(f"cannot merge: {str(parts[a])!r} and {str(parts[b])!r} overlap in contexts")
-    args = (first["k"], first["n_samples"], first["threshold"], first["ctx_len"])
+    return order
+
+
+def _write_merged(merged, cons: list, metas: list[dict]) -> None:
+    """Write the shards (in context order) into the new database `merged`, in one transaction."""
+    first = metas[0]
+    args = (first["k"], first["n_samples"], first["threshold"], first["ctx_len"], first["seed"])
     stats = None
-    for i in order:
-        part = store.read_stats(cons[i], *args)
+    for con in cons:
+        part = store.read_stats(con, *args)
         stats = part if stats is None else stats.merge(part)
-    sites = cons[order[0]].execute("SELECT site, layer, first_unit, width FROM sites ORDER BY first_unit").fetchall()
-    planned = [IndexedSite(*row) for row in sites]
-    merged = store.create(out)
-    try:
-        merged.execute("BEGIN")
-        for i in order:
-            rows = cons[i].execute("SELECT * FROM tokens ORDER BY ctx, pos").fetchnumpy()  # noqa: F841
-            merged.execute("INSERT INTO tokens SELECT * FROM rows")
-        store.write_sites(merged, sites)
-        store.write_stats(merged, stats, unit_names(planned), first["ctx_len"])
-        spans = [metas[i]["contexts"] for i in order]
-        store.write_meta(
-            merged,
-            {
-                **first,
-                "contexts": [spans[0][0], spans[-1][1]] if _contiguous(spans) else spans[0],
-                "shards": spans,
-                "contexts_done": sum(metas[i]["contexts_done"] for i in order),
-                "tokens_seen": int(stats.tokens),
-                "complete": True,
-                "corpus_hash": corpus_hash(merged),
-            },
-        )
-        merged.execute("COMMIT")
-    finally:
-        merged.close()
-        for con in cons:
-            con.close()
-    return out
+    sites = cons[0].execute("SELECT site, layer, first_unit, width FROM sites ORDER BY first_unit").fetchall()
+    merged.execute("BEGIN")
+    for con in cons:
+        rows = con.execute("SELECT * FROM tokens ORDER BY ctx, pos").fetchnumpy()  # noqa: F841
+        merged.execute("INSERT INTO tokens SELECT * FROM rows")
+    store.write_sites(merged, sites)
+    store.write_stats(merged, stats, unit_names([IndexedSite(*row) for row in sites]), first["ctx_len"])
+    spans = [meta["contexts"] for meta in metas]
+    done = sum(meta["contexts_done"] for meta in metas)
+    store.write_meta(
+        merged,
+        {
+            **first,
+            "contexts": [spans[0][0], spans[-1][1]] if _contiguous(spans) else spans[0],
+            "shards": spans,
+            "contexts_done": done,
+            "tokens_seen": int(stats.tokens),
+            "complete": True,
+            "corpus_hash": corpus_hash(merged),
+        },
+    )
+    merged.execute("COMMIT")
 
 
 def _contiguous(spans: list[list[int]]) -> bool:

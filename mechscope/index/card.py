@@ -1,8 +1,9 @@
 """A unit card: what an index knows about one unit, and, for a neuron, what it writes.
 
 1. statistics and histogram, from the index;
-2. input tokens: the tokens the unit fires on, aggregated over its top examples and its stratified
-   samples (each (context, position) once), ranked by mean activation, with counts;
+2. input tokens: the tokens the unit fires on, aggregated over its top examples and those of its
+   stratified samples where it is active (above the build's threshold; each (context, position)
+   once), ranked by mean activation, with counts;
 3. output tokens (neurons only, given the model): the neuron's output weight column carried through
    the final norm's elementwise weight (and, for families that normalise the MLP branch, the branch
    norm's weight) to the unembedding. These are the tokens whose logits one unit of the neuron's
@@ -26,10 +27,10 @@ class InputToken(NamedTuple):
     token_id: int
     token: str | None
     mean: float
-    """Mean activation of the unit on this token, over the examples and samples that hold it."""
+    """Mean activation of the unit on this token, over the examples and active samples that hold it."""
     max: float
     count: int
-    """How many of the unit's top examples and samples sit on this token."""
+    """How many of the unit's top examples and active samples sit on this token."""
 
 
 class OutputToken(NamedTuple):
@@ -62,9 +63,10 @@ def unit_card(index: Index, unit: str | int | UnitInfo, model=None, n_tokens: in
 
 
 def input_tokens(index: Index, unit: str | int | UnitInfo, n: int = 10) -> list[InputToken]:
-    """The tokens the unit fires on most: top examples and samples together, ranked by mean activation."""
+    """The tokens the unit fires on most: top examples and active samples together, ranked by mean activation."""
     seen: dict[tuple[int, int], tuple[int, float]] = {}
-    examples = index.top(unit, n=index.meta.get("k", 20)) + [e for s in index.samples(unit) for e in s.examples]
+    active = [e for s in index.samples(unit) for e in s.examples if e.value > index.meta.get("threshold", 0.0)]
+    examples = index.top(unit, n=index.meta.get("k", 20)) + active
     for ex in examples:
         seen[(ex.ctx, ex.pos)] = (ex.token_id, ex.value)
     values: dict[int, list[float]] = defaultdict(list)

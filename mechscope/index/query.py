@@ -1,7 +1,9 @@
 """Reading an index: one unit's statistics, top examples, samples and histogram; rankings and search.
 
 `Index` opens a database built by `mechscope.index.build` read-only, and answers every question with
-one or two small SQL queries. The per-unit tables are written in unit order, so DuckDB's zone maps
+one or two small SQL queries. An unfinished index answers too, and says so on every query with an
+`UnfinishedIndexWarning` (`Index.unfinished` holds the line); one that holds no token yet refuses.
+The per-unit tables are written in unit order, so DuckDB's zone maps
 skip all but the unit's rows; the contexts' tokens come from one join with the `tokens` table (a scan
 of it: ~8 ms at 20M tokens on two cores). Token ids become text through a tokenizer: pass the `Model`
 (its fingerprint is also checked against the one the index was built for) or a tokenizer.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,10 +27,15 @@ import numpy as np
 
 from mechscope.errors import MechscopeError, one_of
 from mechscope.index import store
-from mechscope.index.stats import LOW_EXP, N_STRATA, WINDOW_AFTER, WINDOW_BEFORE, bin_edges
+from mechscope.index.settings import SettingError
+from mechscope.index.stats import WINDOW_AFTER, WINDOW_BEFORE, ZERO_STRATUM, bin_edges, stratum_range
 from mechscope.index.units import IndexedSite, parse_unit_id, unit_name
 
 RANK_BY = ("density", "max", "mean")
+
+
+class UnfinishedIndexWarning(UserWarning):
+    """A query answered from an index whose build has not finished: it covers only part of its corpus."""
 
 
 class UnitInfo(NamedTuple):
@@ -84,17 +92,27 @@ class Example(NamedTuple):
 
 
 class Stratum(NamedTuple):
-    """Samples from one octave of activation, [low, high)."""
+    """Samples drawn uniformly from one range of activation: an octave [low, high) of positive values,
+    (low, high] of negative ones, or (low, high) = |x| < 2^-10 (see `stats.stratum_range`)."""
 
     stratum: int
     low: float
+    """Lower edge (-inf for the most negative range, which holds everything below -2^15)."""
     high: float
-    """Upper edge (inf for the last stratum, which also holds everything beyond it)."""
+    """Upper edge (inf for the most positive range, which holds everything from 2^15)."""
     q_low: float
-    """Share of the unit's tokens below `low`, from its histogram."""
+    """Share of the unit's tokens in the ranges before this one, from its histogram."""
     q_high: float
-    """Share of the unit's tokens below `high`."""
+    """Share of the unit's tokens in this range and the ones before it."""
     examples: list[Example]
+    """Up to the index's `n_samples` tokens of this range, drawn uniformly over the whole corpus."""
+
+    @property
+    def text(self) -> str:
+        """The range as an interval: '[0.5, 1)', '(-1, -0.5]', '(-0.000977, 0.000977)'."""
+        left = "[" if self.stratum > ZERO_STRATUM else "("
+        right = "]" if self.stratum < ZERO_STRATUM else ")"
+        return f"{left}{_edge(self.low)}, {_edge(self.high)}{right}"
 
 
 class Histogram(NamedTuple):
@@ -116,17 +134,39 @@ class SearchHit(NamedTuple):
     """The unit's largest activation overall."""
 
 
+def _edge(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else ("-∞" if x < 0 else "∞")
+
+
+def unfinished_note(meta: dict) -> str | None:
+    """The line an unfinished index's queries carry (None for a finished one)."""
+    if meta.get("complete", False):
+        return None
+    length, (start, stop), done = meta["ctx_len"], meta["contexts"], meta["contexts_done"]
+    return (
+        f"index built over {done * length:,} of {(stop - start) * length:,} tokens "
+        "(unfinished: run the same `mechscope index build` again to continue)"
+    )
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
 class Index:
-    """A read-only view of an index database; close it (or use `with`) when done."""
+    """A read-only view of an index database; close it (or use `with`) when done.
 
-    def __init__(self, path: Path | str, model=None, tokenizer=None):
+    `warn=False` leaves out the `UnfinishedIndexWarning` of an unfinished index (the command line
+    prints `unfinished` itself).
+    """
+
+    def __init__(self, path: Path | str, model=None, tokenizer=None, warn: bool = True):
         self.path = Path(path)
         self.con = store.open_index(self.path)
         self.meta = store.read_meta(self.con)
+        self.unfinished = unfinished_note(self.meta)
+        """A line saying how much of its corpus an unfinished index covers; None when finished."""
+        self._warn = warn
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if model is not None:
@@ -163,6 +203,21 @@ class Index:
     def n_units(self) -> int:
         return sum(s.width for s in self.sites)
 
+    def _ready(self) -> None:
+        """Before a query: refuse an index that holds no token, and warn that an unfinished one is partial."""
+        if not self.meta.get("tokens_seen", 0):
+            raise MechscopeError(
+                f"{str(self.path)!r} holds no tokens yet: its build stopped before its first checkpoint; "
+                "run the same `mechscope index build` again"
+            )
+        if self.unfinished and self._warn:
+            warnings.warn(self.unfinished, UnfinishedIndexWarning, stacklevel=3)
+
+    def _count(self, n: int, most: int, what: str) -> None:
+        """One line for a count `n` outside 1..most."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+            raise SettingError("n", n, f"1..{most:,}", what)
+
     # -- one unit ---------------------------------------------------------------------------------
 
     def unit(self, name: str | int | UnitInfo) -> UnitInfo:
@@ -175,6 +230,8 @@ class Index:
         return UnitInfo(uid, unit_name(site, index), site.site, site.layer, index)
 
     def stats(self, unit: str | int | UnitInfo) -> UnitSummary:
+        """The unit's statistics over every token the index has seen."""
+        self._ready()
         u = self.unit(unit)
         row = self.con.execute("SELECT tokens, total, total_sq, active, max FROM units WHERE unit = ?", [u.id]).fetchone()
         return self._summary(u, *row)
@@ -191,7 +248,10 @@ class Index:
 
         The window spans WINDOW_BEFORE tokens before and WINDOW_AFTER after (within the context, start
         token excluded); activations come from the stored window, NaN at positions never scored.
+        `n` is 1..k (the index keeps each unit's top k); fewer come back while fewer tokens were seen.
         """
+        self._ready()
+        self._count(n, int(self.meta["k"]), f"the index keeps each unit's top {self.meta['k']}")
         u = self.unit(unit)
         rows = self.con.execute(
             "SELECT rank, value, ctx, pos, token, window_acts FROM top WHERE unit = ? AND rank < ? ORDER BY rank", [u.id, n]
@@ -207,7 +267,8 @@ class Index:
         return out
 
     def samples(self, unit: str | int | UnitInfo) -> list[Stratum]:
-        """The unit's stratified samples, one `Stratum` per non-empty octave of activation, lowest first."""
+        """The unit's stratified samples, one `Stratum` per non-empty range of activation, lowest first."""
+        self._ready()
         u = self.unit(unit)
         rows = self.con.execute(
             "SELECT stratum, slot, value, ctx, pos, token FROM samples WHERE unit = ? ORDER BY stratum, slot", [u.id]
@@ -219,8 +280,7 @@ class Index:
         for row, span, ids in zip(rows, spans, texts, strict=True):
             stratum, slot, value, ctx, pos, token = int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4]), int(row[5])
             if not out or out[-1].stratum != stratum:
-                low = 2.0 ** (LOW_EXP + stratum)
-                high = math.inf if stratum == N_STRATA - 1 else 2 * low
+                low, high = stratum_range(stratum)
                 out.append(Stratum(stratum, low, high, below(low), below(high), []))
             acts = np.full(len(span), np.nan, np.float32)
             acts[span.index(pos)] = value
@@ -229,6 +289,7 @@ class Index:
 
     def histogram(self, unit: str | int | UnitInfo) -> Histogram:
         """The unit's histogram from its first to its last non-empty bin (bins: `stats.bin_edges()`)."""
+        self._ready()
         u = self.unit(unit)
         got = self.con.execute("SELECT bin, count FROM hist WHERE unit = ? ORDER BY bin", [u.id]).fetchnumpy()
         edges = bin_edges().numpy()
@@ -255,9 +316,11 @@ class Index:
     # -- many units -------------------------------------------------------------------------------
 
     def rank(self, by: str = "density", n: int = 20, site: str | None = None, ascending: bool = False) -> list[UnitSummary]:
-        """The n units with the highest (or lowest) density, max or mean, optionally within one site."""
+        """The n (1..units) units with the highest (or lowest) density, max or mean, optionally within one site."""
+        self._ready()
         if by not in RANK_BY:
             raise MechscopeError(f"cannot rank by {by!r}: choose one of {one_of(RANK_BY)}")
+        self._count(n, self.n_units, "units in this index")
         where, args = "", [n]
         if site is not None:
             where = "WHERE site = ?"
@@ -279,7 +342,10 @@ class Index:
 
         Ties are broken by the largest activation on those examples. `text` is tokenised without
         special tokens, so mind a leading space (" Python" and "Python" are different tokens).
+        `n` is 1..units.
         """
+        self._ready()
+        self._count(n, self.n_units, "units in this index")
         ids = self.search_ids(text)
         *before, last = ids
         joins = "".join(

@@ -7,14 +7,17 @@ keeps about it, and `update` folds in one layer's activations for one batch:
 2. the exact top-k (value, token), under the total order "larger value first, then earlier token",
    each with the unit's activations on the tokens around it (float16; NaN where not scored);
 3. a histogram over fixed bins shared by every unit (below), so histograms of shards simply add;
-4. stratified samples: for each positive octave of activation [2^e, 2^(e+1)), the first `n_samples`
-   tokens in corpus order whose activation falls in it. The corpus order is a seeded shuffle, so
-   these are a random sample of each activation range, not only of the top.
+4. stratified samples: for each range of activation (every octave [2^e, 2^(e+1)) of either sign, and
+   one range for |x| < 2^LOW_EXP), `n_samples` tokens drawn uniformly from the tokens in that range.
+   Each (token, unit) gets a seeded pseudo-random priority, a hash of the token's global index and
+   the unit, and each range keeps its tokens of smallest priority (a bottom-k sample). Which tokens
+   are kept does not depend on the order they come in, so a sample is spread over the whole corpus
+   in proportion to where the range's tokens are, and distinct units draw distinct tokens.
 
 Every part is a deterministic function of the token stream, and every part merges exactly:
-tops by re-selecting under the same total order, samples by taking the earlier shard first,
-counts and histograms by adding. So a resumed build equals an uninterrupted one, and two shards
-merged equal one build over both (sums agree to float64 rounding).
+tops by re-selecting under the same total order, samples by keeping the smallest priorities of
+both, counts and histograms by adding. So a resumed build equals an uninterrupted one, and two
+shards merged equal one build over both (sums agree to float64 rounding).
 
 Histogram bins are read straight off the float32 bit pattern: sign, exponent and the top two
 mantissa bits give 4 bins per octave, over |x| in [2^-10, 2^16) on each side, plus one bin for
@@ -26,8 +29,12 @@ Shapes: U units, N tokens in a batch, D units in one site, K top examples, S str
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +42,20 @@ LOW_EXP, HIGH_EXP, PER_OCTAVE = -10, 16, 4  # |x| from ~1e-3 to 65536: neurons, 
 SIDE = (HIGH_EXP - LOW_EXP) * PER_OCTAVE  # bins on each side of zero
 N_BINS = 2 * SIDE + 1
 ZERO_BIN = SIDE
-N_STRATA = HIGH_EXP - LOW_EXP
+N_OCTAVES = HIGH_EXP - LOW_EXP
+N_STRATA = 2 * N_OCTAVES + 1
+"""Sample strata in order of value: negative octaves (largest magnitude first), |x| < 2^LOW_EXP, positive octaves."""
+ZERO_STRATUM = N_OCTAVES
+STRATUM_OF_BIN = torch.cat(
+    [torch.arange(ZERO_BIN) // PER_OCTAVE, (torch.arange(ZERO_BIN, N_BINS) + PER_OCTAVE - 1) // PER_OCTAVE]
+)
+"""[N_BINS] the stratum holding each histogram bin (strata are whole octaves of bins)."""
+BINS_OF_STRATUM = torch.stack(
+    [torch.nonzero(STRATUM_OF_BIN.eq(s))[:, 0].repeat(PER_OCTAVE)[:PER_OCTAVE] for s in range(N_STRATA)]
+)
+"""[N_STRATA, PER_OCTAVE] the bins of each stratum (the middle stratum's one bin repeated)."""
+_BINS_OF_STRATUM = BINS_OF_STRATUM.numpy()
+_NO_BAR = torch.iinfo(torch.int16).max
 NO_TOKEN = torch.iinfo(torch.int64).max
 WINDOW_BEFORE, WINDOW_AFTER = 16, 4
 WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
@@ -55,9 +75,14 @@ def bin_edges() -> Tensor:
     return torch.cat([torch.tensor([-torch.inf]), inner, torch.tensor([torch.inf])])
 
 
-def stratum_edges() -> Tensor:
-    """[N_STRATA] lower edge of each positive octave used for stratified samples."""
-    return 2.0 ** torch.arange(LOW_EXP, HIGH_EXP, dtype=torch.float32)
+def stratum_range(stratum: int) -> tuple[float, float]:
+    """(low, high) of a stratum: [low, high) for a positive one, (low, high] for a negative one, and
+    (low, high) for the middle one (|x| < 2^LOW_EXP). The outermost strata reach -inf and inf."""
+    if stratum == ZERO_STRATUM:
+        return -(2.0**LOW_EXP), 2.0**LOW_EXP
+    e = LOW_EXP + abs(stratum - ZERO_STRATUM) - 1  # the octave [2^e, 2^(e+1)) of |x|
+    low, high = 2.0**e, (math.inf if e == HIGH_EXP - 1 else 2.0 ** (e + 1))
+    return (low, high) if stratum > ZERO_STRATUM else (-high, -low)
 
 
 def value_bins(x: Tensor) -> Tensor:
@@ -70,6 +95,42 @@ def value_bins(x: Tensor) -> Tensor:
     step = (key & 1023).sub_((127 + LOW_EXP) * PER_OCTAVE - 1).clamp_(0, SIDE)  # 0: |x| < 2^LOW_EXP
     sign = (key >> 31) | 1
     return step.mul_(sign).add_(ZERO_BIN)
+
+
+_SIGN = np.uint64(1 << 63)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that scatters nearby inputs over the whole range (wrapping)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def token_hashes(tokens: Tensor, seed: int) -> Tensor:
+    """int64 hash of each global token index (a bijection of the index), seeded."""
+    return torch.from_numpy(_hashes(tokens.numpy(), seed))
+
+
+def _hashes(tokens: np.ndarray, seed: int) -> np.ndarray:
+    key = _mix(np.array([seed], dtype=np.int64).view(np.uint64) ^ np.uint64(0x9E3779B97F4A7C15))
+    return (_mix(np.asarray(tokens, dtype=np.int64).view(np.uint64) ^ key) ^ _SIGN).view(np.int64)
+
+
+def unit_salts(units: Tensor, seed: int) -> Tensor:
+    """int64 salt of each unit number, seeded: a unit's priorities are its tokens' hashes XOR its salt."""
+    key = _mix(np.array([seed], dtype=np.int64).view(np.uint64) ^ np.uint64(0x632BE59BD9B4E019))
+    return torch.from_numpy(_mix(_mix(units.numpy().astype(np.int64).view(np.uint64)) ^ key).view(np.int64))
+
+
+def sample_priorities(tokens: Tensor, units: Tensor, seed: int) -> Tensor:
+    """int64 priority of each (token, unit) pair (broadcast): strata keep their tokens of smallest priority.
+
+    For one unit, distinct tokens get distinct priorities (a bijection of the token index), spread
+    uniformly over the int64 range; distinct units order the same tokens independently.
+    """
+    return token_hashes(tokens, seed) ^ unit_salts(units, seed)
 
 
 def _group_rank(keys: Tensor) -> Tensor:
@@ -91,13 +152,14 @@ class UnitStats:
     top_values: Tensor  # [U, K] float32, descending; -inf where fewer than K tokens were seen
     top_tokens: Tensor  # [U, K] int64 global token index (context * ctx_len + position)
     top_windows: Tensor  # [U, K, WINDOW] float16 activations around each top example; NaN where unknown
-    sample_values: Tensor  # [U, S, R] float32
-    sample_tokens: Tensor  # [U, S, R] int64; NO_TOKEN where empty
-    sample_fill: Tensor  # [U, S] int64: samples held in each stratum
+    sample_values: Tensor  # [U, S, R] float32; 0 where empty
+    sample_tokens: Tensor  # [U, S, R] int64, each stratum's tokens by ascending priority; NO_TOKEN where empty (last)
     threshold: float = 0.0
+    seed: int = 0
+    """Seed of the sample priorities."""
 
     @classmethod
-    def empty(cls, n_units: int, k: int = 20, n_samples: int = 5, threshold: float = 0.0) -> UnitStats:
+    def empty(cls, n_units: int, k: int = 20, n_samples: int = 5, threshold: float = 0.0, seed: int = 0) -> UnitStats:
         return cls(
             tokens=torch.tensor(0),
             total=torch.zeros(n_units, dtype=torch.float64),
@@ -109,8 +171,8 @@ class UnitStats:
             top_windows=torch.full((n_units, k, WINDOW), torch.nan, dtype=torch.float16),
             sample_values=torch.zeros(n_units, N_STRATA, n_samples),
             sample_tokens=torch.full((n_units, N_STRATA, n_samples), NO_TOKEN),
-            sample_fill=torch.zeros(n_units, N_STRATA, dtype=torch.int64),
             threshold=threshold,
+            seed=seed,
         )
 
     @property
@@ -126,7 +188,18 @@ class UnitStats:
         return self.sample_values.shape[2]
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "threshold"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("threshold", "seed")}
+
+    @cached_property
+    def salts(self) -> Tensor:
+        """[U] int64 each unit's priority salt (`unit_salts`)."""
+        return unit_salts(torch.arange(self.n_units), self.seed)
+
+    @cached_property
+    def bars(self) -> Tensor:
+        """[U, N_BINS] int16, derived: the top 16 bits of the priority of the last sample of each bin's stratum
+        (int16 max while the stratum holds fewer than R). A token enters a stratum only at or below its bar."""
+        return _bars(self.sample_tokens[:, :, -1], self.salts, self.seed)[:, STRATUM_OF_BIN].contiguous()
 
     # -- one site's activations for one batch ----------------------------------------------------------
 
@@ -144,10 +217,10 @@ class UnitStats:
         self.total_sq[units] += (acts_ND * acts_ND).sum(0)
         self.active[units] += (acts_ND > self.threshold).view(torch.uint8).sum(0, dtype=torch.int32)
         width = acts_ND.shape[1]
-        flat_bins = value_bins(acts_ND).add_(torch.arange(0, width * N_BINS, N_BINS, dtype=torch.int32))
+        flat_bins = value_bins(acts_ND).add_(torch.arange(0, width * N_BINS, N_BINS, dtype=torch.int32))  # [N, D]
         self.hist[units].view(-1).add_(torch.bincount(flat_bins.view(-1), minlength=width * N_BINS))
         self._update_top(units, acts_ND, tokens_N, positions_N)
-        self._update_samples(units, acts_ND, tokens_N)
+        self._update_samples(units, acts_ND, tokens_N, flat_bins)
 
     def _update_top(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, positions_N: Tensor) -> None:
         k = self.k
@@ -194,38 +267,69 @@ class UnitStats:
         out[~old] = torch.where(inside, values, torch.nan).half()
         return out
 
-    def _update_samples(self, units: slice, acts_ND: Tensor, tokens_N: Tensor) -> None:
-        """Fill each unit's strata with the earliest tokens in them; only values at or above the lowest
-        stratum still open can change anything, so only those are looked at."""
-        fill = self.sample_fill[units]
-        r = self.n_samples
-        open_ = fill < r
-        first_open = torch.where(open_.any(1), open_.int().argmax(1), N_STRATA)
-        floor = torch.cat([stratum_edges(), torch.tensor([torch.inf])])[first_open]
-        rows, cols = (acts_ND >= floor).nonzero(as_tuple=True)
-        if len(cols) == 0:
+    def _update_samples(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, flat_bins: Tensor) -> None:
+        """Offer every (token, unit) to the unit's stratum of its value; keep each stratum's R smallest priorities.
+
+        Pairs are ruled out on the top 16 bits of their priority against the bars of their bins, four
+        cheap operations per pair; the few left are merged into their strata.
+        """
+        width = acts_ND.shape[1]
+        salts, bars = self.salts[units], self.bars[units]
+        hashes = token_hashes(tokens_N, self.seed)
+        high = (hashes >> 48).short()[:, None] ^ (salts >> 48).short()  # [N, D] the priorities' top 16 bits
+        at = (high <= bars.view(-1).index_select(0, flat_bins.view(-1)).view_as(high)).view(-1).nonzero()[:, 0]
+        if len(at) == 0:
             return
-        value = acts_ND[rows, cols]
-        stratum = ((value_bins(value) - ZERO_BIN - 1) // PER_OCTAVE).clamp(0, N_STRATA - 1)
-        slot = cols * N_STRATA + stratum
-        wanted = fill.view(-1)[slot] < r
-        slot, value, token = slot[wanted], value[wanted], tokens_N[rows[wanted]]
-        order = torch.sort(slot, stable=True).indices  # rows come in token order already
-        slot, value, token = slot[order], value[order], token[order]
-        place = fill.view(-1)[slot] + _group_rank(slot)
-        keep = place < r
-        slot, place = slot[keep], place[keep]
-        self.sample_values[units].view(-1)[slot * r + place] = value[keep]
-        self.sample_tokens[units].view(-1)[slot * r + place] = token[keep]
-        fill.view(-1).index_add_(0, slot, torch.ones_like(slot))
+        if 4 * len(at) > high.numel() and len(acts_ND) > 64:  # early on: half the rows first fill strata and lower the bars
+            half = len(acts_ND) // 2
+            for part in (slice(0, half), slice(half, None)):
+                self._update_samples(units, acts_ND[part], tokens_N[part], flat_bins[part])
+            return
+        rows, cols = at // width, at % width
+        slot = _slots(width)[flat_bins.view(-1)[at]]  # (unit, stratum) within the site
+        new = (slot, hashes[rows] ^ salts[cols], tokens_N[rows], acts_ND.view(-1)[at])
+        held = (self.sample_tokens[units].view(-1, self.n_samples), self.sample_values[units].view(-1, self.n_samples))
+        self._keep_smallest(*held, salts, bars, new)
+
+    def _keep_smallest(self, tokens_XR: Tensor, values_XR: Tensor, salts: Tensor, bars: Tensor, new: tuple) -> None:
+        """Merge `new` (slot, priority, token, value) candidates into the rows X = (unit, stratum) of [X, R]
+        samples, keeping each row's R smallest priorities in ascending order; update the units' `bars`.
+
+        In numpy, on views of the tensors: the candidates are few once the strata fill, and numpy's
+        small operations cost a fraction of torch's.
+        """
+        tokens_XR, values_XR, salts, bars = tokens_XR.numpy(), values_XR.numpy(), salts.numpy(), bars.numpy()
+        slot, priority, token, value = (x.numpy() for x in new)
+        r = tokens_XR.shape[1]
+        order = _by_slot_then_priority(slot, priority)
+        slot = slot[order]
+        rank = _run_ranks(slot)
+        first = np.flatnonzero(rank < r)  # the candidates' own R smallest per slot: at most 2R per slot to sort
+        take, slot, rank = order[first], slot[first], rank[first]
+        heads = rank == 0
+        touched, row = slot[heads], np.cumsum(heads) - 1
+        unit, held = touched // N_STRATA, tokens_XR[touched]  # [T], [T, R]
+        tokens = np.full_like(held, NO_TOKEN)
+        tokens[row, rank] = token[take]
+        values = np.zeros((len(touched), r), np.float32)
+        values[row, rank] = value[take]
+        if (held != NO_TOKEN).any():
+            keys = np.zeros_like(held)
+            keys[row, rank] = priority[take]
+            held_keys = _hashes(held, self.seed) ^ salts[unit, None]
+            tokens, values = _merge_rows((held, values_XR[touched], held_keys), (tokens, values, keys))
+        tokens_XR[touched], values_XR[touched] = tokens, values
+        last = np.where(tokens[:, -1] == NO_TOKEN, _NO_BAR, (_hashes(tokens[:, -1], self.seed) ^ salts[unit]) >> 48)
+        bars[unit[:, None], _BINS_OF_STRATUM[touched % N_STRATA]] = last[:, None]
 
     # -- combining -------------------------------------------------------------------------------------
 
     def merge(self, other: UnitStats) -> UnitStats:
-        """Statistics of both streams together; `other` must cover tokens after all of this one's."""
-        if (self.n_units, self.k, self.n_samples, self.threshold) != (other.n_units, other.k, other.n_samples, other.threshold):
-            raise ValueError("statistics differ in units, k, samples or threshold")
-        out = UnitStats.empty(self.n_units, self.k, self.n_samples, self.threshold)
+        """Statistics of both streams together; `other` must cover tokens after all of this one's (for the top-k's ties)."""
+        shape = (self.n_units, self.k, self.n_samples, self.threshold, self.seed)
+        if shape != (other.n_units, other.k, other.n_samples, other.threshold, other.seed):
+            raise ValueError("statistics differ in units, k, samples, threshold or seed")
+        out = UnitStats.empty(*shape)
         for name in ("tokens", "total", "total_sq", "active", "hist"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         units = torch.arange(self.n_units).repeat_interleave(2 * self.k)
@@ -237,13 +341,65 @@ class UnitStats:
         out.top_tokens = token[order][keep].view(self.n_units, self.k)
         windows = torch.cat([self.top_windows, other.top_windows], 1).view(-1, WINDOW)
         out.top_windows = windows[order][keep].view(self.n_units, self.k, WINDOW)
-        both_v = torch.cat([self.sample_values, other.sample_values], 2)
-        both_t = torch.cat([self.sample_tokens, other.sample_tokens], 2)
-        order = both_t.argsort(dim=2, stable=True)[..., : self.n_samples]  # earliest tokens first; empty slots sort last
-        out.sample_values = both_v.gather(2, order)
-        out.sample_tokens = both_t.gather(2, order)
-        out.sample_fill = (self.sample_fill + other.sample_fill).clamp(max=self.n_samples)
+        out.sample_tokens, out.sample_values = self.sample_tokens.clone(), self.sample_values.clone()
+        there = other.sample_tokens != NO_TOKEN
+        unit, stratum, _ = there.nonzero(as_tuple=True)
+        token = other.sample_tokens[there]
+        new = (unit * N_STRATA + stratum, token_hashes(token, self.seed) ^ out.salts[unit], token, other.sample_values[there])
+        held = (out.sample_tokens.view(-1, self.n_samples), out.sample_values.view(-1, self.n_samples))
+        out._keep_smallest(*held, out.salts, out.bars, new)
         return out
+
+
+@functools.cache
+def _slots(width: int) -> Tensor:
+    """[width * N_BINS] the (unit, stratum) slot, unit * N_STRATA + stratum, of each of a site's flat bins."""
+    flat = torch.arange(width * N_BINS)
+    return flat // N_BINS * N_STRATA + STRATUM_OF_BIN[flat % N_BINS]
+
+
+def _bars(last: Tensor, salts: Tensor, seed: int) -> Tensor:
+    """int16 top 16 bits of the priorities of strata's R-th samples `last` [..., S] of units with `salts` [...]."""
+    salts = salts.view(*salts.shape, *[1] * (last.dim() - salts.dim()))
+    high = ((token_hashes(last, seed) ^ salts) >> 48).short()
+    return high.masked_fill_(last == NO_TOKEN, _NO_BAR)
+
+
+def _by_slot_then_priority(slot: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Permutation sorting by slot, then priority (distinct within a slot), in one sort of int64 keys when it can.
+
+    The key is the slot above the top 43 bits of the priority (read as unsigned); two priorities of
+    one slot that agree in those bits (about one pair in 10^13) send it to two sorts instead.
+    """
+    if len(slot) and int(slot.max()) < 2**20:
+        key = slot << 43 | ((priority ^ np.int64(-(2**63))) >> 21) & (2**43 - 1)
+        order = np.argsort(key)
+        ranked = key[order]
+        if not (ranked[1:] == ranked[:-1]).any():
+            return order
+    order = np.argsort(priority)
+    return order[np.argsort(slot[order], kind="stable")]
+
+
+def _run_ranks(keys: np.ndarray) -> np.ndarray:
+    """For keys sorted into runs of equal values: each element's position within its run."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+
+
+def _merge_rows(held: tuple, new: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of held samples and of new ones, each (tokens, values, priorities) [T, R] with empty places
+    last: each row's R smallest priorities of both, ascending, empty places last."""
+    r = held[0].shape[1]
+    tokens, values, keys = (np.concatenate([a, b], 1) for a, b in zip(held, new, strict=True))  # [T, 2R]
+    empty = tokens == NO_TOKEN
+    clash = ((keys == NO_TOKEN) & ~empty).any()  # a token whose priority is the largest int64 (once in 2^64)
+    keys[empty] = NO_TOKEN  # empty places last
+    order = np.argsort(keys, axis=1)
+    if clash:
+        order = np.take_along_axis(order, np.argsort(np.take_along_axis(empty, order, 1), axis=1, kind="stable"), 1)
+    order = order[:, :r]
+    return np.take_along_axis(tokens, order, 1), np.take_along_axis(values, order, 1)
 
 
 def _total_order(unit: Tensor, value: Tensor, token: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ Tables (a unit is a neuron, or one dimension of a site; `unit` numbers them glob
 | `sites` | site, layer, first_unit, width | site read (units first_unit .. first_unit+width-1) |
 | `units` | unit, site, layer, idx, tokens, total, total_sq, active, max, mean, density | unit |
 | `top` | unit, rank, value, ctx, pos, token, window_acts | one of a unit's top-k examples |
-| `samples` | unit, stratum, slot, value, ctx, pos, token | a stratified sample (stratum s: [2^(s-10), 2^(s-9))) |
+| `samples` | unit, stratum, slot, value, ctx, pos, token | a stratified sample (strata: `stats.stratum_range`) |
 | `hist` | unit, bin, count | non-empty histogram bin (edges: `stats.bin_edges()`) |
 | `tokens` | ctx, pos, token, doc | token of a stored context (doc -1: start token or separator) |
 
@@ -16,11 +16,19 @@ Position 0 of every context is the start token; it and the next `skip - 1` posit
 are stored in `tokens` but never counted in statistics. Every write of the statistics happens in
 one transaction with the new contexts and the progress counters, so a build killed at any moment
 leaves the last checkpoint intact.
+
+Samples: stratum 0..52 runs over the ranges of activation in order of value (26 negative octaves,
+|x| < 2^-10, 26 positive octaves); slot 0..R-1 orders a stratum's samples by their priority.
+A unit's `max` is NULL while the index has seen no tokens.
+
+DuckDB does not give back the space of replaced rows, so a finished build whose file is more than
+a tenth free space is copied into a fresh file (`compact`), which then replaces the old one atomically.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import duckdb
@@ -30,7 +38,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.index.stats import NO_TOKEN, WINDOW, UnitStats
 
-FORMAT = "mechscope-index/2"  # 2: histogram and strata reach 2^16
+FORMAT = "mechscope-index/3"  # 2: histogram and strata reach 2^16; 3: samples from every range of either sign, uniform
 _REBUILD = "rebuild it with `mechscope index build`"
 
 SCHEMA = """
@@ -57,6 +65,8 @@ def create(path: Path | str) -> duckdb.DuckDBPyConnection:
 def open_index(path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """Open an existing index; one-line errors for a missing file or one that is not a mechscope index."""
     path = Path(path)
+    if path.is_dir():
+        raise MechscopeError(not_a_file(path))
     if not path.is_file():
         raise MechscopeError(f"no index database at {str(path)!r}: build one with `mechscope index build --out {path}`")
     try:
@@ -79,6 +89,13 @@ def open_index(path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConne
             f"{str(path)!r} is not a mechscope index of format {FORMAT}: rebuild it with `mechscope index build`"
         )
     return con
+
+
+def not_a_file(path: Path) -> str:
+    """The one line for a directory given where an index database file belongs."""
+    inside = sorted(p.name for p in path.glob("*.duckdb"))[:4]
+    hint = f"it holds {', '.join(inside)}" if inside else f"e.g. {str(path / 'index.duckdb')!r}"
+    return f"{str(path)!r} is a directory, not an index database: give the database file ({hint})"
 
 
 def stored_format(path: Path | str) -> str | None:
@@ -167,7 +184,7 @@ def write_stats(
         "mean": stats.total.numpy() / max(tokens, 1),
         "density": stats.active.numpy() / max(tokens, 1),
     }
-    con.execute("INSERT INTO units SELECT * FROM unit_rows")
+    con.execute("INSERT INTO units SELECT * REPLACE (CASE WHEN tokens = 0 THEN NULL ELSE max END AS max) FROM unit_rows")
 
     held = stats.top_tokens.numpy() != NO_TOKEN
     u, r = np.nonzero(held)
@@ -201,11 +218,13 @@ def write_stats(
     con.execute("INSERT INTO hist SELECT * FROM hist_rows")
 
 
-def read_stats(con: duckdb.DuckDBPyConnection, k: int, n_samples: int, threshold: float, ctx_len: int) -> UnitStats:
-    """The statistics tables back as `UnitStats`, exactly as they were written."""
+def read_stats(
+    con: duckdb.DuckDBPyConnection, k: int, n_samples: int, threshold: float, ctx_len: int, seed: int = 0
+) -> UnitStats:
+    """The statistics tables back as `UnitStats`, exactly as they were written (`seed`: the build's, meta `seed`)."""
     units = con.execute("SELECT tokens, total, total_sq, active FROM units ORDER BY unit").fetchnumpy()
     n_units = len(units["total"])
-    stats = UnitStats.empty(n_units, k, n_samples, threshold)
+    stats = UnitStats.empty(n_units, k, n_samples, threshold, seed)
     if n_units == 0:
         return stats
     stats.tokens = torch.tensor(int(units["tokens"][0]))
@@ -222,9 +241,50 @@ def read_stats(con: duckdb.DuckDBPyConnection, k: int, n_samples: int, threshold
     u, s, slot = (smp[c].astype(np.int64) for c in ("unit", "stratum", "slot"))
     stats.sample_values[u, s, slot] = torch.from_numpy(smp["value"].astype(np.float32))
     stats.sample_tokens[u, s, slot] = torch.from_numpy(smp["ctx"].astype(np.int64) * ctx_len + smp["pos"])
-    stats.sample_fill.index_put_(
-        (torch.from_numpy(u), torch.from_numpy(s)), torch.ones(len(u), dtype=torch.int64), accumulate=True
-    )
     hist = con.execute("SELECT unit, bin, count FROM hist").fetchnumpy()
     stats.hist[hist["unit"].astype(np.int64), hist["bin"].astype(np.int64)] = torch.from_numpy(hist["count"].astype(np.int64))
     return stats
+
+
+TABLE_ORDER = {
+    "meta": "key",
+    "sites": "first_unit",
+    "units": "unit",
+    "top": "unit, rank",
+    "samples": "unit, stratum, slot",
+    "hist": "unit, bin",
+    "tokens": "ctx, pos",
+}
+"""Every table, and the order its rows are written in (per-unit tables by unit, for DuckDB's zone maps)."""
+
+
+def free_share(con: duckdb.DuckDBPyConnection) -> float:
+    """Share of the database file's blocks that hold no live rows (after a checkpoint)."""
+    con.execute("CHECKPOINT")
+    total, free = con.execute("SELECT total_blocks, free_blocks FROM pragma_database_size()").fetchone()
+    return free / max(total, 1)
+
+
+def compact(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Copy the open database at `path` into a fresh file, close `con`, and put the copy in its place.
+
+    The copy holds only live rows, so it is as small as a database written once; the swap is one
+    rename, so `path` is always either the old file or the complete copy.
+    """
+    fresh = path.with_name(path.name + ".compact")
+    for stale in (fresh, fresh.with_name(fresh.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    source = con.execute("SELECT current_database()").fetchone()[0]
+    con.execute(f"ATTACH '{_sql_string(fresh)}' AS fresh")
+    con.execute("USE fresh")
+    con.execute(SCHEMA)
+    for table, order in TABLE_ORDER.items():
+        con.execute(f'INSERT INTO fresh.{table} SELECT * FROM "{source}".{table} ORDER BY {order}')
+    con.execute(f'USE "{source}"')
+    con.execute("DETACH fresh")
+    con.close()
+    os.replace(fresh, path)
+
+
+def _sql_string(path: Path) -> str:
+    return str(path).replace("'", "''")

@@ -113,7 +113,7 @@ def strata_text(strata: Sequence[Stratum], vmax: float | None = None) -> ColourT
 
 
 def _range(s: Stratum) -> str:
-    return f"[{s.low:.3g}, {s.high:.3g})" if math.isfinite(s.high) else f"[{s.low:.3g}, ∞)"
+    return s.text  # '[0.5, 1)', '(-1, -0.5]', '(-0.000977, 0.000977)'
 
 
 def _quantiles(s: Stratum) -> str:
