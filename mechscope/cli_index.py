@@ -207,7 +207,7 @@ def search(
         f"units whose top examples sit on {searched} (token ids {ids}; the last occurs {seen:,} times in the indexed contexts)"
     )
     if not hits:
-        console.print("no unit has a top example there")
+        console.print(_nothing_found(index.meta, searched, len(ids), seen), soft_wrap=True)
         return
     table = Table()
     for column in ("unit", "top examples there", "best there", "unit max"):
@@ -215,6 +215,22 @@ def search(
     for h in hits:
         table.add_row(h.unit.name, str(h.hits), f"{h.best:.4g}", f"{h.max:.4g}")
     console.print(table)
+
+
+def _nothing_found(meta: dict, searched: str, n_ids: int, seen: int) -> str:
+    """Why no unit has a top example on the searched text, and where to look instead (`searched` is already shown)."""
+    if seen:
+        after = ", after the rest of the string," if n_ids > 1 else ""
+        return (
+            f"no unit has a top example there: the last token occurs {seen:,} times, but no unit has one of those{after} "
+            f"among its top {meta['k']} (the first {meta['skip']} positions of each context are never scored)"
+        )
+    read = meta["contexts_done"] * meta["ctx_len"]
+    return (
+        f"no unit has a top example there: {searched} never occurs in the {read:,} tokens this index read from "
+        f"{shown(meta['corpus'])}. Search a token that text has, build an index over text that has it "
+        "(`index build --corpus`), or see which units write it with `mechscope attribute`"
+    )
 
 
 @index_app.command()
