@@ -1,4 +1,4 @@
-"""Dictionary commands: harvest, train-dict, eval-dict, find-feature, steer.
+"""Dictionary commands: harvest, train-dict, eval-dict, find-feature, steer, feature.
 
 `register(app)` adds them to the `mechscope` command; they follow its conventions (`cli_common`):
 numbers and output paths are checked before the model loads, errors are one line.
@@ -18,6 +18,7 @@ from mechscope.cli_common import check_folder, check_output, check_range, litera
 from mechscope.cli_options import with_options
 from mechscope.dictionaries.train import TrainConfig
 from mechscope.errors import MechscopeError
+from mechscope.index.settings import MAX_K, SettingError
 
 console = Console()
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
@@ -211,8 +212,79 @@ def steer(
     console.print(table)
 
 
+def _feature_index(db: Path | None, m):
+    """The index to read: --db, else the model's default index if there is one, else None."""
+    from mechscope.index.build import default_index_path
+    from mechscope.index.query import Index
+
+    path = db or default_index_path(m.name)
+    if db is None and not path.exists():
+        return None
+    index = Index(path, model=m, warn=False)
+    if index.unfinished:
+        Console(stderr=True).print(f"[yellow]note:[/] {shown(index.unfinished)}", highlight=False, soft_wrap=True)
+    return index
+
+
+def feature(
+    folder: Annotated[str, typer.Argument(help="A dictionary folder (mechscope, SAELens or sparsify).")],
+    number: Annotated[int, typer.Argument(metavar="F", help="The feature's number, 0..d_sae-1.")],
+    db: Annotated[
+        Path | None, typer.Option(help="An index built with `index build --dict DIR`. Default: the model's index, if any.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Top examples to show.")] = 20,
+    near: Annotated[int, typer.Option(help="Nearest features to list.")] = 5,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML page on the feature here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write the feature's histogram as a PNG here (needs an index).")] = None,
+    samples: Annotated[bool, typer.Option(help="Also show samples from each range of activation.")] = True,
+    model: ModelOpt = "default",
+):
+    """A dictionary feature's page: logit effects, nearest features, and from an index its examples and histogram."""
+    from mechscope.dictionaries.formats import load_any
+    from mechscope.index.feature_card import feature_card
+    from mechscope.index.features import check_feature, default_name
+    from mechscope.viz import index_views as views
+
+    check_range("-n", n, 1, MAX_K, " (top examples to show: at most the index's k, which is at most 1024)")
+    check_range("--near", near, 1, 1000)
+    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    m = _load(model)
+    dictionary = load_any(folder, model=m)
+    check_feature(dictionary, number, folder)
+    index = _feature_index(db, m)
+    try:
+        card = feature_card(m, dictionary, number, index, name=default_name(folder), n_near=near)
+        examples = index.top(card.name, n) if card.unit is not None else []
+        strata = index.samples(card.name) if card.unit is not None and samples else []
+    except SettingError as err:
+        raise MechscopeError(err.worded("-n")) from None
+    finally:
+        if index is not None:
+            index.close()
+    via = card.logits_via if card.promoted is None else f"logit effects via {card.logits_via}"
+    console.print(f"[bold]feature {number}[/] of {shown(folder)} ({shown(card.name)}): {shown(via)}")
+    for table in views.feature_tables(card):
+        console.print(table)
+    if card.unit is None:
+        console.print(shown(card.note))
+    else:
+        console.print(views.histogram_text(card.unit.histogram))
+        console.print(f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)")
+        console.print(views.examples_text(examples))
+        if strata:
+            console.print("\n[bold]samples by activation range[/]")
+            console.print(views.strata_text(strata))
+    if html:
+        console.print(f"HTML page: {views.feature_page(html, card, examples, strata).resolve()}")
+    if png and card.unit is not None:
+        title = f"{card.name}: activation histogram"
+        console.print(f"PNG: {views.histogram_png(card.unit.histogram, png, title).resolve()}")
+    elif png:
+        console.print(f"no PNG written to {shown(png)}: the histogram needs an index built with --dict")
+
+
 def register(app: typer.Typer) -> None:
     """Add the dictionary commands to `app`."""
     for fn, name in ((harvest, "harvest"), (train_dict, "train-dict"), (eval_dict, "eval-dict"),
-                     (find_feature, "find-feature"), (steer, "steer")):  # fmt: skip
+                     (find_feature, "find-feature"), (steer, "steer"), (feature, "feature")):  # fmt: skip
         app.command(name=name)(fn)

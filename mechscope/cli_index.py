@@ -105,6 +105,15 @@ def build(
     seed: Annotated[int, typer.Option(help="Shuffle seed of the corpus's documents.")] = 0,
     contexts: Annotated[str | None, typer.Option(help="Build only contexts START:STOP (a shard, for `index merge`).")] = None,
     out: Annotated[Path | None, typer.Option(help="The database to write (resumed if unfinished).")] = None,
+    dictionaries: Annotated[
+        list[str],
+        typer.Option(
+            "--dict",
+            help="Also index every feature of this dictionary folder (NAME=DIR names it; default: the folder's name, "
+            "or its parent's for train-dict's OUT/dictionary); feature F is the unit f:NAME:F. Repeatable; "
+            "without --sites, only the features are indexed.",
+        ),
+    ] = None,
     model: ModelOpt = "default",
 ):
     """Build (or resume) an index: one streaming pass over the corpus, checkpointed every minute.
@@ -122,11 +131,26 @@ def build(
     m = _load(model)
     out = out or check_output("--out", default_index_path(m.name))
     names = [s.strip() for spec in sites or () for s in spec.split(",") if s.strip()] or None
+    folders = _dictionaries(dictionaries or [])
     start = time.perf_counter()
     with _options(), _made_folders(out.parent):
-        build_index(m, out, sites=names, settings=settings)
+        build_index(m, out, sites=names, settings=settings, dictionaries=folders)
     _console().print(f"index: {shown(out.resolve())} ({time.perf_counter() - start:.1f} s)")
     info(db=out, model=model, as_json=False)
+
+
+def _dictionaries(specs: list[str]) -> dict[str, str]:
+    """NAME -> folder for each --dict DIR or NAME=DIR."""
+    from mechscope.index.features import default_name
+
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, _, folder = spec.partition("=") if "=" in spec else ("", "", spec)
+        name = name or default_name(folder)
+        if name in named:
+            raise MechscopeError(f"--dict: two dictionaries are named {name!r}: name them apart with --dict NAME=DIR")
+        named[name] = folder
+    return named
 
 
 @contextlib.contextmanager
@@ -149,7 +173,7 @@ def _made_folders(folder: Path) -> Iterator[None]:
 
 @index_app.command()
 def show(
-    unit: Annotated[str, typer.Argument(help="A neuron L:N (e.g. 12:345) or SITE:I.")],
+    unit: Annotated[str, typer.Argument(help="A neuron L:N (e.g. 12:345), SITE:I, or a dictionary feature f:NAME:F.")],
     db: DbOpt = None,
     n: NOpt = 20,
     html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML page on the unit here.")] = None,

@@ -187,3 +187,53 @@ def test_dictionary_commands_end_to_end(tmp_path, model_folder, run):
 def test_dictionary_commands_refuse_bad_input_in_one_line(args, message, run):
     code, out = run(*args)
     assert code == 2 and message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_train_dict_refuses_a_bad_store_or_setting_in_one_line(tmp_path, run, monkeypatch):
+    """A store that is missing, partial (manifest complete=false), short of a shard or holding a truncated one;
+    k above the latents or at most 0; an unknown activation or write site."""
+    import shutil
+
+    from mechscope.activations import HarvestSettings, StreamSpec, harvest
+
+    monkeypatch.setattr(cli_dict, "_load", lambda *_: tiny_lm())
+    good = tmp_path / "store"
+    harvest(
+        tiny_lm(), StreamSpec((SITE,), "builtin", ctx_len=32), good, HarvestSettings(tokens=448, shard_contexts=8), progress=False
+    )
+
+    def damaged(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        damage(folder)
+        return folder
+
+    def unfinished(folder):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+
+    def truncate(folder):
+        shard = folder / "shard-00001.safetensors"
+        shard.write_bytes(shard.read_bytes()[:1000])
+
+    stores = {
+        "missing": tmp_path / "nothing",
+        "partial": damaged("partial", unfinished),
+        "short": damaged("short", lambda folder: (folder / "shard-00001.safetensors").unlink()),
+        "truncated": damaged("truncated", truncate),
+    }
+    train = ["train-dict", "--sites", SITE, "--expansion", 4, "--tokens", 256, "--batch-size", 64, "--ctx-len", 32]
+    train += ["--eval-tokens", 64, "--no-png"]
+    cases = [
+        (("--store", stores["missing"]), "is not an activation store: it has no manifest.json"),
+        (("--store", stores["partial"]), "is partial"),
+        (("--store", stores["short"]), "is missing shard-00001.safetensors"),
+        (("--store", stores["truncated"]), "shard-00001.safetensors' cannot be read"),
+        (("--k", 129), "k=129 is invalid for 128 latents"),
+        (("--k", -3), "k=-3 is invalid"),
+        (("--activation", "softmax"), "unknown activation 'softmax'"),
+        (("--write-sites", "blocks.1.hook_nothing"), "unknown site"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        code, out = run(*train, "--out", tmp_path / f"run{i}", *args)
+        assert code == 2 and message in out and len(out.strip().splitlines()) == 1, (args, out)

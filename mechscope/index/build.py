@@ -2,15 +2,17 @@
 
 Phases of `build_index`:
 
-1. plan: check the settings against the model and the corpus, check the sites and number their
-   units, and only then open (or create) the database. An existing database must be for the same
-   model and settings; if it is unfinished, the build resumes (one that holds no context yet is
-   started afresh). A new database that a build leaves before its first checkpoint is removed.
+1. plan: check the settings against the model and the corpus, check the sites and the dictionaries
+   and number their units (a dictionary's features after the sites: `features.py`), and only then
+   open (or create) the database. An existing database must be for the same model, settings and
+   dictionaries; if it is unfinished, the build resumes (one that holds no context yet is started
+   afresh). A new database that a build leaves before its first checkpoint is removed.
 2. stream: pack the corpus into contexts (seeded, reproducible), run the model on each batch,
-   reading only the chosen sites and stopping after the deepest one, and fold every site's
-   activations into `UnitStats`. The first `skip` positions of each context are left out of the
-   statistics: the start token, and the first few text tokens, where a model without a BOS token
-   parks its attention and its neurons take outlier values (SmolLM2: ~200 where ~40 is typical).
+   reading only the chosen sites and the dictionaries' read sites and stopping after the deepest one,
+   encode the dictionaries' features, and fold every unit's activations into `UnitStats`. The first
+   `skip` positions of each context are left out of the statistics: the start token, and the first
+   few text tokens, where a model without a BOS token parks its attention and its neurons take
+   outlier values (SmolLM2: ~200 where ~40 is typical).
 3. checkpoint: every `checkpoint_seconds`, and at the end, write the new contexts, the statistics
    and the progress in one transaction. A build killed at any moment resumes from its last
    checkpoint, re-reading the corpus to the same place, and ends identical to an uninterrupted one.
@@ -40,6 +42,7 @@ from mechscope.data import corpus as make_corpus
 from mechscope.data import pack
 from mechscope.errors import MechscopeError
 from mechscope.index import store
+from mechscope.index.features import DictionarySpec, IndexedDictionary, feature_acts, plan_dictionaries, read_sites
 from mechscope.index.settings import IndexSettings, check_against
 from mechscope.index.stats import HIGH_EXP, LOW_EXP, PER_OCTAVE, UnitStats
 from mechscope.index.units import IndexedSite, plan_sites, unit_names
@@ -48,7 +51,20 @@ from mechscope.models.load import cache_dir
 __all__ = ["IndexSettings", "build_index", "default_index_path", "merge_indexes"]
 
 # Settings two builds must share to be resumed or merged.
-SHARED = ("model_fingerprint", "sites", "corpus", "ctx_len", "batch_size", "seed", "skip", "k", "n_samples", "threshold", "bins")
+SHARED = (
+    "model_fingerprint",
+    "sites",
+    "dictionaries",
+    "corpus",
+    "ctx_len",
+    "batch_size",
+    "seed",
+    "skip",
+    "k",
+    "n_samples",
+    "threshold",
+    "bins",
+)
 
 
 def default_index_path(model_name: str) -> Path:
@@ -73,8 +89,8 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _meta(model, sites: list[IndexedSite], settings: IndexSettings, corpus_id: str) -> dict:
-    return {
+def _meta(model, sites: list[IndexedSite], dicts: list[IndexedDictionary], settings: IndexSettings, corpus_id: str) -> dict:
+    meta = {
         "format": store.FORMAT,
         "model": model.name,
         "model_fingerprint": model_fingerprint(model),
@@ -90,6 +106,9 @@ def _meta(model, sites: list[IndexedSite], settings: IndexSettings, corpus_id: s
         "bins": [LOW_EXP, HIGH_EXP, PER_OCTAVE],
         "mechscope": _version(),
     }
+    if dicts:  # an index without features has no such key, as before features were indexed
+        meta["dictionaries"] = [d.meta() for d in dicts]
+    return meta
 
 
 def _check_same(path: Path, have: dict, want: dict) -> None:
@@ -99,9 +118,10 @@ def _check_same(path: Path, have: dict, want: dict) -> None:
             f"not {want['model']} ({want['model_fingerprint']}): pass that model or another --out"
         )
     for key in SHARED:
-        if have.get(key) != want[key]:
+        if have.get(key) != want.get(key):
             raise MechscopeError(
-                f"{str(path)!r} was built with {key}={have.get(key)!r}, not {want[key]!r}: use the same settings or another --out"
+                f"{str(path)!r} was built with {key}={have.get(key)!r}, not {want.get(key)!r}: "
+                "use the same settings or another --out"
             )
 
 
@@ -123,20 +143,28 @@ def build_index(
     settings: IndexSettings | None = None,
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
+    dictionaries: DictionarySpec | None = None,
 ) -> Path:
-    """Build (or resume) the index of `sites` (default: every MLP neuron) over a corpus into the DuckDB file `out`.
+    """Build (or resume) the index of `sites` and of `dictionaries`' features over a corpus into the DuckDB file `out`.
+
+    `sites` defaults to every MLP neuron, or to none when dictionaries are given. `dictionaries` are
+    folders in any format `load_any` reads (named after the folder), or a mapping NAME -> folder or
+    `Dictionary`; feature F of NAME is the unit `f:NAME:F` (see `features.py`).
 
     Every check (settings, sites, corpus, the output path, an existing file's settings) comes before
     anything is written; bad input raises `MechscopeError` (`SettingError` for a setting out of range).
 
     >>> build_index(mechscope.load(), "neurons.duckdb", settings=IndexSettings(tokens=100_000))
+    >>> build_index(model, "features.duckdb", dictionaries={"res5": "runs/res5/dictionary"})
     """
     settings = settings or IndexSettings()
     out = _writable(Path(out))
-    planned = plan_sites(model, sites)
+    planned = plan_sites(model, sites) if sites or not dictionaries else []
+    dicts = plan_dictionaries(model, dictionaries, sum(s.width for s in planned))
+    planned += [d.site for d in dicts]
     source = make_corpus(settings.corpus, field=settings.field)
     check_against(settings, model, source)
-    want = _meta(model, planned, settings, source.id)
+    want = _meta(model, planned, dicts, settings, source.id)
     span = settings.context_range()
     fresh = not out.exists() or _holds_nothing(out)
     con = store.create(out) if fresh else store.open_index(out, read_only=False)
@@ -144,7 +172,7 @@ def build_index(
         stats, done = _begin(con, planned, settings, want, span) if fresh else _resume(con, out, settings, want, span)
         stale = out.with_name(out.name + ".compact").exists()  # a compaction that was cut short
         if span[0] + done < span[1]:
-            _stream(model, con, planned, source, settings, stats, span, done, checkpoint_seconds, progress)
+            _stream(model, con, planned, dicts, source, settings, stats, span, done, checkpoint_seconds, progress)
         if (span[0] + done < span[1] or stale) and store.read_meta(con)["complete"] and store.free_share(con) > 0.1:
             store.compact(con, out)
     except BaseException:
@@ -224,11 +252,12 @@ def _resume(con, out: Path, settings: IndexSettings, want: dict, span) -> tuple[
     return store.read_stats(con, s.k, s.n_samples, s.threshold, s.ctx_len, s.seed), done
 
 
-def _stream(model, con, planned, source, settings, stats, span, done, checkpoint_seconds, progress) -> None:
+def _stream(model, con, planned, dicts, source, settings, stats, span, done, checkpoint_seconds, progress) -> None:
     start, stop = span
     length = settings.ctx_len
     names = unit_names(planned)
-    read = [s.site for s in planned]
+    sites = [s for s in planned if not any(s is d.site for d in dicts)]
+    read = list(dict.fromkeys([*(s.site for s in sites), *read_sites(dicts)]))
     pending: list = []
     last = time.monotonic()
     stored = _stored_tokens(con, start, start + done, length) if done else None
@@ -244,7 +273,7 @@ def _stream(model, con, planned, source, settings, stats, span, done, checkpoint
                         f"the corpus {source.id} has changed since this index was begun: rebuild it into another --out"
                     )
                 continue
-            _fold(model, stats, planned, read, batch.tokens, first * length, settings.skip)
+            _fold(model, stats, sites, dicts, read, batch.tokens, first * length, settings.skip)
             pending.append(batch)
             done += n
             bar.update(task, completed=done * length)
@@ -255,15 +284,27 @@ def _stream(model, con, planned, source, settings, stats, span, done, checkpoint
         _checkpoint(con, stats, names, pending, done, True, length)
 
 
-def _fold(model, stats: UnitStats, planned: list[IndexedSite], read: list[str], tokens, first_token: int, skip: int) -> None:
-    """Run one batch and fold every site's activations (positions skip.. only) into `stats`."""
+def _fold(
+    model,
+    stats: UnitStats,
+    sites: list[IndexedSite],
+    dicts: list[IndexedDictionary],
+    read: list[str],
+    tokens,
+    first_token: int,
+    skip: int,
+) -> None:
+    """Run one batch and fold every site's and feature's activations (positions skip.. only) into `stats`."""
     n, length = tokens.shape
     positions = torch.arange(skip, length).repeat(n)
     global_index = first_token + torch.arange(n).repeat_interleave(length - skip) * length + positions
     cache = model.run(tokens, read=read, logits=False).cache
-    for i, site in enumerate(planned):
+    for i, d in enumerate(dicts):  # before the sites' activations are popped: a dictionary may read one of them
+        acts = feature_acts(d.dictionary, cache, skip)
+        stats.update(d.site.first_unit, acts, global_index, positions, count_tokens=i == 0)
+    for i, site in enumerate(sites):
         acts = cache.pop(site.site)[:, skip:]
-        stats.update(site.first_unit, acts.reshape(-1, site.width), global_index, positions, count_tokens=i == 0)
+        stats.update(site.first_unit, acts.reshape(-1, site.width), global_index, positions, count_tokens=i == 0 and not dicts)
 
 
 def _checkpoint(con, stats: UnitStats, names, pending, done: int, complete: bool, length: int) -> None:
@@ -328,8 +369,10 @@ def _check_shards(parts: list, metas: list[dict]) -> list[int]:
         if not metas[i]["complete"]:
             raise MechscopeError(f"{str(parts[i])!r} is unfinished: run its build again to complete it before merging")
         for key in SHARED:
-            if metas[i][key] != first[key]:
-                raise MechscopeError(f"cannot merge {str(parts[i])!r}: its {key} is {metas[i][key]!r}, not {first[key]!r}")
+            if metas[i].get(key) != first.get(key):
+                raise MechscopeError(
+                    f"cannot merge {str(parts[i])!r}: its {key} is {metas[i].get(key)!r}, not {first.get(key)!r}"
+                )
     for a, b in zip(order, order[1:], strict=False):
         if metas[a]["contexts"][1] > metas[b]["contexts"][0]:
             raise MechscopeError(f"cannot merge: {str(parts[a])!r} and {str(parts[b])!r} overlap in contexts")

@@ -8,6 +8,8 @@
    the final norm's elementwise weight (and, for families that normalise the MLP branch, the branch
    norm's weight) to the unembedding. These are the tokens whose logits one unit of the neuron's
    activation raises (promoted) or lowers (suppressed) most directly, ignoring the norms' scales.
+   `residual_logits` and `ranked_tokens` do the same for any direction (a dictionary feature's
+   decoder direction: `feature_card.py`).
 """
 
 from __future__ import annotations
@@ -79,10 +81,13 @@ def input_tokens(index: Index, unit: str | int | UnitInfo, n: int = 10) -> list[
 
 def neuron_output_weight(model, layer: int, neuron: int) -> Tensor:
     """[d_model] what one unit of the neuron's activation adds through the MLP's output projection."""
+    return mlp_output_weight(model, layer)[:, neuron]
+
+
+def mlp_output_weight(model, layer: int) -> Tensor:
+    """[d_model, d_mlp] the MLP's output projection: what each neuron adds per unit of activation."""
     module = model.block_module(layer, model.adapter.neurons)
-    if isinstance(module, nn.Linear):  # weight [d_model, d_mlp]
-        return module.weight[:, neuron]
-    return module.weight[neuron]  # GPT-2's Conv1D stores [d_mlp, d_model]
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T  # GPT-2's Conv1D stores [d_mlp, d_model]
 
 
 def _elementwise(norm, direction: Tensor) -> Tensor:
@@ -93,27 +98,34 @@ def _elementwise(norm, direction: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def output_direction(model, layer: int, neuron: int) -> Tensor:
-    """[d_vocab] float32: the neuron's direct effect on each logit per unit of activation (norm scales ignored).
+def residual_logits(model, direction: Tensor, mlp_layer: int | None = None) -> Tensor:
+    """[d_vocab] float32: the direct effect on each logit of `direction` [d_model] added to the residual stream
+    (norm scales ignored). With `mlp_layer`, `direction` is what that layer's MLP outputs, taken first
+    through the branch norm of the families that normalise the MLP's output before it joins the stream.
 
     Computed in the wide dtype (float32 for a 16-bit model): the dot products over d_model too.
     """
     a = model.adapter
     unembed = widen(model.module(a.unembed).weight)  # [d_vocab, d_model]
-    direction = neuron_output_weight(model, layer, neuron).to(unembed.dtype)
-    if a.branch_norms:  # the MLP's output is normalised before it joins the residual stream
-        direction = _elementwise(model.block_module(layer, a.mlp_out), direction)
+    direction = direction.to(unembed.device, unembed.dtype)
+    if mlp_layer is not None and a.branch_norms:  # the MLP's output is normalised before it joins the residual stream
+        direction = _elementwise(model.block_module(mlp_layer, a.mlp_out), direction)
     direction = _elementwise(model.module(a.final_norm), direction)
     return (unembed @ direction).float()
 
 
-def output_tokens(model, layer: int, neuron: int, n: int = 10) -> tuple[list[OutputToken], list[OutputToken]]:
-    """The n tokens the neuron promotes most and the n it suppresses most, through the unembedding.
+def output_direction(model, layer: int, neuron: int) -> Tensor:
+    """[d_vocab] float32: the neuron's direct effect on each logit per unit of activation (norm scales ignored)."""
+    return residual_logits(model, neuron_output_weight(model, layer, neuron), mlp_layer=layer)
+
+
+def ranked_tokens(model, logits: Tensor, n: int = 10) -> tuple[list[OutputToken], list[OutputToken]]:
+    """The n tokens `logits` [d_vocab] (a direct effect on each logit) raises most and the n it lowers most.
 
     Effects are centred on their mean over the vocabulary: softmax ignores a shift shared by every
     logit, so only the difference from the mean moves a token's probability.
     """
-    logits = output_direction(model, layer, neuron).cpu()
+    logits = logits.float().cpu()
     logits = logits - logits.mean()
     up, down = logits.topk(n), (-logits).topk(n)
 
@@ -122,3 +134,8 @@ def output_tokens(model, layer: int, neuron: int, n: int = 10) -> tuple[list[Out
         return [OutputToken(int(i), name, float(v)) for i, name, v in zip(ids, names, values.tolist(), strict=True)]
 
     return tokens(up.indices, up.values), tokens(down.indices, -down.values)
+
+
+def output_tokens(model, layer: int, neuron: int, n: int = 10) -> tuple[list[OutputToken], list[OutputToken]]:
+    """The n tokens the neuron promotes most and the n it suppresses most, through the unembedding (centred)."""
+    return ranked_tokens(model, output_direction(model, layer, neuron), n)

@@ -7,7 +7,9 @@
 - PNG: `histogram_png`, counts on a log scale over the unit's non-empty bins;
 - HTML: `unit_page` writes one light self-contained page (values on hover, every token escaped, no
   plotly) through `viz.report.write_report`; `histogram_html` is its SVG histogram and
-  `histogram_figure` the same as a plotly figure.
+  `histogram_figure` the same as a plotly figure;
+- a dictionary feature (`index.feature_card.FeatureCard`): `feature_tables` in the terminal and
+  `feature_page` in HTML, the unit's views plus its logit effects and nearest features.
 
 Colours are the scale of `viz.scale` (blue negative, red positive, white at 0; one-sided when no
 value is negative), shared by every example of a unit: full colour at the unit's largest
@@ -26,7 +28,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.index.card import UnitCard
+from mechscope.index.card import OutputToken, UnitCard
+from mechscope.index.feature_card import FeatureCard
 from mechscope.index.query import Example, Histogram, Stratum
 from mechscope.index.stats import LOW_EXP, ZERO_BIN
 from mechscope.viz.html_figures import bars_html
@@ -135,15 +138,35 @@ def card_tables(card: UnitCard) -> list[Table]:
         inputs.add_row(plain(_token_label(t.token, t.token_id)), f"{t.mean:.4g}", f"{t.max:.4g}", str(t.count))
     tables.append(inputs)
     if card.promoted is not None:
-        out = Table(
-            title="output tokens: direct logit effect per unit of activation, less its vocabulary mean", title_justify="left"
-        )
-        for column in ("promotes", "weight", "suppresses", "weight "):
-            out.add_column(column, justify="right" if column.startswith("weight") else "left")
-        for up, down in zip(card.promoted, card.suppressed, strict=True):
-            out.add_row(plain(token_label(up.token)), f"{up.weight:+.3f}", plain(token_label(down.token)), f"{down.weight:+.3f}")
-        tables.append(out)
+        tables.append(output_table(card.promoted, card.suppressed))
     return tables
+
+
+OUTPUT_TITLE = "output tokens: direct logit effect per unit of activation, less its vocabulary mean"
+
+
+def output_table(promoted: Sequence[OutputToken], suppressed: Sequence[OutputToken], title: str = OUTPUT_TITLE) -> Table:
+    """Tokens promoted and suppressed side by side, with their (centred) logit effects."""
+    out = Table(title=title, title_justify="left")
+    for column in ("promotes", "weight", "suppresses", "weight "):
+        out.add_column(column, justify="right" if column.startswith("weight") else "left")
+    for up, down in zip(promoted, suppressed, strict=True):
+        out.add_row(plain(token_label(up.token)), f"{up.weight:+.3f}", plain(token_label(down.token)), f"{down.weight:+.3f}")
+    return out
+
+
+def feature_tables(card: FeatureCard) -> list[Table]:
+    """A feature as rich tables: its unit card from the index (logit effects as output tokens) or, without
+    one, its logit effects alone; then its nearest features."""
+    tables = card_tables(card.unit) if card.unit is not None else []
+    if card.unit is None and card.promoted is not None:
+        tables.append(output_table(card.promoted, card.suppressed))
+    near = Table(title="nearest features (cosine of decoder directions)", title_justify="left")
+    near.add_column("feature")
+    near.add_column("cosine", justify="right")
+    for n in card.nearest:
+        near.add_row(str(n.feature), f"{n.cosine:+.3f}")
+    return [*tables, near]
 
 
 def _token_label(token: str | None, token_id: int) -> str:
@@ -291,6 +314,11 @@ def unit_page(
     path: str | Path, card: UnitCard, examples: Sequence[Example], strata: Sequence[Stratum] = (), title: str | None = None
 ) -> Path:
     """Write a self-contained HTML page on one unit: its card, histogram, top examples and samples by range."""
+    return write_report(path, title or f"Unit {card.unit.name} · {card.unit.site}", unit_sections(card, examples, strata))
+
+
+def unit_sections(card: UnitCard, examples: Sequence[Example], strata: Sequence[Stratum] = ()) -> list[tuple[str, object]]:
+    """The sections of a unit's page: statistics, histogram, top examples, samples, input and output tokens."""
     st, u = card.stats, card.unit
     stats = table_html(
         ["unit", "site", "tokens", "mean", "std", "max", "density", "active"],
@@ -307,14 +335,31 @@ def unit_page(
     inputs = [[_token_label(t.token, t.token_id), f"{t.mean:.4g}", f"{t.max:.4g}", t.count] for t in card.input_tokens]
     sections.append(("Input tokens it fires on", table_html(["token", "mean", "max", "count"], inputs)))
     if card.promoted is not None:
-        rows = [
-            [token_label(a.token), f"{a.weight:+.3f}", token_label(b.token), f"{b.weight:+.3f}"]
-            for a, b in zip(card.promoted, card.suppressed, strict=True)
-        ]
-        sections.append(
-            (
-                "Output tokens (direct logit effect per unit of activation, less its mean over the vocabulary)",
-                table_html(["promotes", "weight", "suppresses", "weight"], rows),
-            )
-        )
-    return write_report(path, title or f"Unit {u.name} · {u.site}", sections)
+        sections.append(_output_section(card.promoted, card.suppressed))
+    return sections
+
+
+def _output_section(promoted: Sequence[OutputToken], suppressed: Sequence[OutputToken], via: str = "") -> tuple[str, str]:
+    rows = [
+        [token_label(a.token), f"{a.weight:+.3f}", token_label(b.token), f"{b.weight:+.3f}"]
+        for a, b in zip(promoted, suppressed, strict=True)
+    ]
+    title = "Output tokens (direct logit effect per unit of activation, less its mean over the vocabulary)"
+    return title + (f" via {via}" if via else ""), table_html(["promotes", "weight", "suppresses", "weight"], rows)
+
+
+def feature_page(path: str | Path, card: FeatureCard, examples: Sequence[Example] = (), strata: Sequence[Stratum] = ()) -> Path:
+    """Write a self-contained HTML page on one feature: the unit page's sections when an index holds it (the logit
+    effects as its output tokens), else the logit effects and a note on what an index would add; then the
+    nearest features."""
+    if card.unit is not None:
+        sections = unit_sections(card.unit, examples, strata)
+    else:
+        sections = [("Examples", f"<p>{html.escape(card.note or '')}</p>")]
+        if card.promoted is not None:
+            sections.append(_output_section(card.promoted, card.suppressed, card.logits_via))
+    if card.promoted is None:
+        sections.append(("Output tokens", f"<p>{html.escape(card.logits_via)}</p>"))
+    near = [[n.feature, f"{n.cosine:+.3f}"] for n in card.nearest]
+    sections.append(("Nearest features (cosine of decoder directions)", table_html(["feature", "cosine"], near)))
+    return write_report(path, f"Feature {card.name}", sections)
