@@ -195,6 +195,8 @@ def show(
     console = _console()
     for table in views.card_tables(card):
         console.print(table)
+    if card.unit.site.startswith("f:"):
+        console.print("[dim]its logit effects and nearest features: mechscope feature DIR F (DIR: the dictionary's folder)[/]")
     console.print(views.histogram_text(card.histogram))
     console.print(f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)")
     console.print(views.examples_text(examples))
@@ -320,6 +322,9 @@ def info(
         ("complete", "yes" if meta["complete"] else "no: run the same build again to resume it"),
         ("settings", f"k={meta['k']}, samples={meta['n_samples']}, threshold={meta['threshold']}, seed={meta['seed']}"),
     ]
+    for d in meta.get("dictionaries", []):  # features: units f:NAME:F
+        reads = ", ".join(d["read_sites"])
+        rows.insert(3, (f"f:{d['name']}", f"{d['d_sae']:,} features of a dictionary reading {reads} (digest {d['digest']})"))
     table = Table(title="index", title_justify="left", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")

@@ -34,8 +34,10 @@ SITES = ["blocks.0.mlp.hook_post"]
 SETTINGS = dict(ctx_len=32, batch_size=4, k=5, n_samples=2)
 
 
-def random_dictionary(reads, writes, d_in=32, d_out=32, d_sae=64, activation="topk", seed=0, fingerprint=True) -> Dictionary:
-    m = tiny_lm()
+def random_dictionary(
+    reads, writes, d_in=32, d_out=32, d_sae=64, activation="topk", seed=0, fingerprint=True, model=None
+) -> Dictionary:
+    m = model or tiny_lm()
     options = {"k": 4} if activation == "topk" else {}
     cfg = DictConfig(reads, writes, d_in, d_out, d_sae, activation=activation, activation_options=options, model=m.name,
                      model_fingerprint=model_fingerprint(m) if fingerprint else "")  # fmt: skip
@@ -201,7 +203,9 @@ def test_feature_commands(folders, run, tmp_path):
     code, out = run(*build, "--k", 5, "--out", db)
     assert code == 0 and "f:res1, f:tc" in out, out
     code, out = run("index", "show", "f:tc:3", "--db", db, "--n", 3)
-    assert code == 0 and "unit f:tc:3" in out and "top 3 examples" in out, out
+    assert code == 0 and "unit f:tc:3" in out and "top 3 examples" in out and "mechscope feature DIR F" in out, out
+    code, out = run("index", "info", "--db", db)
+    assert code == 0 and "f:tc " in out and "32 features of a dictionary reading blocks.0.hook_resid_mid" in out, out
     code, out = run("index", "rank", "--site", "f:res1", "--by", "max", "--n", 2, "--db", db)
     assert code == 0 and out.count("│ f:res1:") == 2, out
     code, out = run("index", "search", " the", "--n", 96, "--db", db)
@@ -264,3 +268,28 @@ def test_the_digest_names_the_weights_not_the_folder(folders):
     with torch.no_grad():
         b.W_dec[0, 0] += 1e-3
     assert dictionary_digest(a) != dictionary_digest(b)
+
+
+@pytest.mark.slow
+def test_features_of_a_real_model(smollm2, tmp_path):
+    """SmolLM2, a few tokens: stored feature values against encode_dense, logit effects against its weights by hand."""
+    site = "blocks.3.hook_resid_post"
+    sae = random_dictionary([site], [site], d_in=576, d_out=576, d_sae=256, model=smollm2)
+    settings = IndexSettings(contexts=(0, 4), **SETTINGS)
+    db = build_index(smollm2, tmp_path / "s.duckdb", sites=["blocks.3.mlp.hook_post"], settings=settings, progress=False,
+                     dictionaries={"sae": sae})  # fmt: skip
+    with Index(db, model=smollm2) as index:
+        ids = torch.from_numpy(
+            index.con.execute("SELECT token FROM tokens ORDER BY ctx, pos").fetchnumpy()["token"].astype(np.int64)
+        ).view(4, 32)
+        with torch.no_grad():
+            f = sae.encode_dense(smollm2.run(ids, read=[site], logits=False).cache[site])[:, 4:].reshape(-1, 256)
+        units = index.con.execute("SELECT max, density FROM units WHERE site = 'f:sae' ORDER BY unit").fetchnumpy()
+        np.testing.assert_allclose(units["max"], f.max(0).values.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(units["density"], (f > 0).double().mean(0).numpy())
+        busiest = int(f.max(0).values.argmax())
+        card = feature_card(smollm2, sae, busiest, index=index, n_out=5)
+    hf = smollm2.hf
+    manual = hf.lm_head.weight @ (hf.model.norm.weight * sae.W_dec[busiest])
+    assert [t.token_id for t in card.promoted] == (manual - manual.mean()).topk(5).indices.tolist()
+    assert card.unit.stats.max == pytest.approx(float(f[:, busiest].max()), rel=1e-4)
