@@ -262,9 +262,13 @@ def test_bad_input_gets_one_line(folders, run, tmp_path):
     assert not (tmp_path / "x.duckdb").exists()
 
 
-def test_the_digest_names_the_weights_not_the_folder(folders):
+def test_the_digest_names_the_weights_not_the_folder(folders, tmp_path):
     a, b = load_any(folders[0]), load_any(folders[0])
     assert dictionary_digest(a) == dictionary_digest(b)
+    scaled = random_dictionary(["blocks.1.hook_resid_post"], ["blocks.1.hook_resid_post"], seed=3)
+    scaled.input_scale.fill_(2.0)  # as in training: normalised inputs, folded into the weights when saved
+    scaled.output_scale.fill_(2.0)
+    assert dictionary_digest(scaled) == dictionary_digest(load_any(save_dictionary(scaled, tmp_path / "scaled")))
     with torch.no_grad():
         b.W_dec[0, 0] += 1e-3
     assert dictionary_digest(a) != dictionary_digest(b)

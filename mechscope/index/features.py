@@ -61,9 +61,11 @@ def default_name(folder: str | Path) -> str:
 
 
 def dictionary_digest(dictionary: Dictionary) -> str:
-    """A short sha256 of the dictionary's weights and config: equal for the same dictionary in any folder or format."""
-    digest = hashlib.sha256(repr(sorted(dictionary.cfg.to_dict().items(), key=lambda kv: kv[0])).encode())
-    for name, value in sorted(dictionary.state_dict().items()):
+    """A short sha256 of the dictionary's config and weights, its normalisation folded in (`Dictionary.folded`, as
+    saved): equal for the same dictionary in memory, in any folder, or in any format holding the same numbers."""
+    folded = dictionary.folded()
+    digest = hashlib.sha256(repr(sorted(folded.cfg.to_dict().items(), key=lambda kv: kv[0])).encode())
+    for name, value in sorted(folded.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
