@@ -11,10 +11,11 @@ Figures, all on the embedded SmolLM2-135M-Instruct (float32, CPU), each against 
 A1-A3. attribution (direct logit attribution, activation / attribution patching): see bench_attribution.py
 I1-I3. the max-activating index (build throughput, its memory, query latency): see bench_index.py
 B1. prompts of different lengths in one call vs a loop over them: see bench_batch.py
+H1, S1-S3. harvest throughput and SAE training speed beside the peers: see bench_sae.py
 
 `bench/run.py --only attribution` runs only A1-A3 and replaces just the attribution section of RESULTS.md
-(between its two HTML-comment markers), keeping the other sections from the last full run; `--only index`
-and `--only batch` do the same for I1-I3 and B1.
+(between its two HTML-comment markers), keeping the other sections from the last full run; `--only index`,
+`--only batch` and `--only sae` do the same for I1-I3, B1 and H1/S1-S3.
 
 Correctness is checked on the way (reads equal HF's hidden states; the lens equals the hand-written one),
 so the comparisons cannot silently be of different work. Progress goes to stderr.
@@ -289,11 +290,18 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
     return "\n".join(lines)
 
 
-def _peers_section() -> str:
-    """The peers section of the current RESULTS.md (written by `make bench-peers`), kept as it is."""
+def _kept_sections() -> str:
+    """The sections of the current RESULTS.md written by other commands, kept as they are: the peers
+    (`make bench-peers`) and dictionary quality (`bench/dict_quality.py`)."""
+    return "".join(_section(name) for name in ("peers", "quality"))
+
+
+def _section(name: str) -> str:
     old = RESULTS.read_text() if RESULTS.exists() else ""
-    begin = old.find("<!-- peers section: begin")
-    return "\n" + old[begin:] if begin >= 0 else ""
+    begin, end = old.find(f"<!-- {name} section: begin"), old.find(f"<!-- {name} section: end -->")
+    if begin < 0 or end < 0:
+        return ""
+    return "\n" + old[begin : end + len(f"<!-- {name} section: end -->")] + "\n"
 
 
 def _stamp(load_start: str) -> str:
@@ -304,7 +312,7 @@ def _stamp(load_start: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
-        "--only", choices=["attribution", "index", "batch"], help="run only these figures; keep the rest of RESULTS.md"
+        "--only", choices=["attribution", "index", "batch", "sae"], help="run only these figures; keep the rest of RESULTS.md"
     )
     only = parser.parse_args().only
     t_start = time.perf_counter()
@@ -339,6 +347,16 @@ def main() -> None:
         print(section)
         return
 
+    if only == "sae":
+        del model  # the trainers run in fresh processes
+        import bench_sae
+
+        section = bench_sae.render(bench_sae.run(), _stamp(load_start))
+        RESULTS.write_text(bench_sae.splice(RESULTS.read_text() if RESULTS.exists() else "", section))
+        log(f"updated the sae section of {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
+        print(section)
+        return
+
     if only == "index":
         del model  # the index figures run in fresh processes
         section = bench_index.render(bench_index.run(), _stamp(load_start))
@@ -358,8 +376,11 @@ def main() -> None:
         sub = bench_subprocess.run(folder, ids_file)
 
     index = bench_index.render(bench_index.run(), _stamp(load_start))
+    import bench_sae
+
+    sae = bench_sae.render(bench_sae.run(), _stamp(load_start))
     text = render(info, inproc, sub, (load_start, common.load_average()), time.perf_counter() - t_start)
-    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch + _peers_section())
+    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch + "\n" + sae + _kept_sections())
     log(f"wrote {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
     table = text.split("## Results", 1)[1].split("## Details", 1)[0].strip()
     print(table)

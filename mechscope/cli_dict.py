@@ -25,10 +25,12 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local
 MAX_TOKENS = 10**10
 
 
-def _load(model: str):
+def _load(model: str, dtype: str = "float32"):
     import mechscope
 
-    return mechscope.load(model)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MechscopeError(f"--model-dtype {dtype!r} is not a dtype: valid values are float32, bfloat16, float16")
+    return mechscope.load(model, dtype=dtype)
 
 
 def _dictionary(folder: str, m):
@@ -49,6 +51,9 @@ def harvest(
     ctx_len: Annotated[int, typer.Option(help="Tokens per context, the start token included.")] = 128,
     shard_contexts: Annotated[int, typer.Option(help="Contexts per shard.")] = 256,
     model: ModelOpt = "default",
+    model_dtype: Annotated[
+        str, typer.Option(help="Model dtype while harvesting: float32, or bfloat16 (faster on CPUs with bf16 matmuls).")
+    ] = "float32",
 ):
     """Write site activations to a disk store (safetensors shards + manifest) for dictionary training; resumable."""
     from mechscope.activations import HarvestSettings, StreamSpec
@@ -59,7 +64,7 @@ def harvest(
     check_range("--shard-contexts", shard_contexts, 1, 100_000)
     check_folder("--out", out)
     settings = HarvestSettings(tokens=tokens, dtype=dtype, shard_contexts=shard_contexts)
-    m = _load(model)
+    m = _load(model, model_dtype)
     check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
     manifest = run_harvest(m, StreamSpec(tuple(sites), corpus, ctx_len=ctx_len), out, settings)
     console.print(

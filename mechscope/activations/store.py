@@ -2,7 +2,7 @@
 
 A store is a folder of safetensors shards and a JSON manifest:
 
-    manifest.json             model and fingerprint, sites, d, corpus id, dtype, ctx_len, skipped positions,
+    manifest.json             model, its fingerprint and dtype, sites, d, corpus id, dtype, ctx_len, skipped positions,
                               seed, shard size, and per shard its token count and a hash chaining its tokens
     shard-00000.safetensors   "acts" [n, n_sites, d] (float32, bfloat16 or float16), "tokens" [n] int32
 
@@ -91,6 +91,7 @@ def _settings_meta(model, source: ModelSource, settings: HarvestSettings) -> dic
         "store_version": STORE_VERSION,
         "model": model.name,
         "model_fingerprint": model_fingerprint(model),
+        "model_dtype": str(model.hf.dtype).removeprefix("torch."),
         "sites": source.sites,
         "d": source.d,
         "corpus": source.corpus.id,

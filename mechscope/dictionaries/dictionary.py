@@ -67,7 +67,7 @@ class DictConfig:
     model: str = ""
     """Name of the model the dictionary was trained on."""
     model_fingerprint: str = ""
-    """`mechscope.index.build.model_fingerprint` of that model."""
+    """`mechscope.models.fingerprint.model_fingerprint` of that model."""
     skip_positions: int = 0
     """The first positions of each context left out of training and evaluation."""
     dtype: str = "float32"

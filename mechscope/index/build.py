@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -46,6 +45,7 @@ from mechscope.index.features import DictionarySpec, IndexedDictionary, feature_
 from mechscope.index.settings import IndexSettings, check_against
 from mechscope.index.stats import HIGH_EXP, LOW_EXP, PER_OCTAVE, UnitStats
 from mechscope.index.units import IndexedSite, plan_sites, unit_names
+from mechscope.models.fingerprint import model_fingerprint
 from mechscope.models.load import cache_dir
 
 __all__ = ["IndexSettings", "build_index", "default_index_path", "merge_indexes"]
@@ -78,15 +78,6 @@ def _version() -> str:
         return version("mechscope")
     except PackageNotFoundError:
         return "unknown"
-
-
-def model_fingerprint(model) -> str:
-    """A short hash of the model's configuration and of some of its weights."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "dtype")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for param in list(model.hf.parameters())[:3]:
-        digest.update(param.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _meta(model, sites: list[IndexedSite], dicts: list[IndexedDictionary], settings: IndexSettings, corpus_id: str) -> dict:

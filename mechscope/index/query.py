@@ -181,7 +181,7 @@ class Index:
         self._decoded: dict[int, str] = {}
 
     def _check_model(self, model) -> None:
-        from mechscope.index.build import model_fingerprint
+        from mechscope.models.fingerprint import model_fingerprint
 
         have, want = self.meta.get("model_fingerprint"), model_fingerprint(model)
         if have != want:

@@ -1,0 +1,214 @@
+"""Dictionary quality on SmolLM2 and the built-in text: `.venv/bin/python bench/dict_quality.py [--store DIR]`.
+
+Every run is a `mechscope train-dict` command on one activation store of `blocks.15.hook_resid_post`
+(harvested by the command in HARVEST if --store is not given), followed by `mechscope eval-dict --json`
+on held-out documents (every 20th document of `builtin:all`, which no training run reads), with the
+float32 model. The commands are printed into RESULTS.md as they ran.
+
+  Q1. TopK, 9,216 latents (16x), k = 64, on the whole store (5 M tokens): FVU <= 0.15, CE-loss recovered
+      >= 95 %, dead <= 5 %.
+  Q2. TopK, BatchTopK, JumpReLU, ReLU-L1 and Matryoshka-BatchTopK at comparable L0, 1 M tokens each.
+  Q3. The L0-FVU frontier of TopK, k in {16, 32, 64, 128}, 1 M tokens each, as a plot
+      (bench/figures/sae_frontier.png).
+  D.  The demo's dictionary: TopK, 4,608 latents, k = 64, 2 M tokens, saved in float16 to demo/sae-l15.
+
+Each run lives in RUNS/NAME (resumed if killed; skipped when its evaluation exists). The section of
+RESULTS.md between MARK_BEGIN and MARK_END is rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import log  # noqa: E402
+
+SITE = "blocks.15.hook_resid_post"
+RUNS = common.BENCH_DIR / "out" / "quality"
+FIGURE = common.BENCH_DIR / "figures" / "sae_frontier.png"
+MECHSCOPE = str(Path(sys.executable).with_name("mechscope"))
+HARVEST = f"mechscope harvest {SITE} --out STORE --tokens 5000000 --dtype bfloat16 --corpus builtin:all --model-dtype bfloat16"
+MARK_BEGIN = "<!-- quality section: begin (regenerated alone by `bench/dict_quality.py`) -->"
+MARK_END = "<!-- quality section: end -->"
+EVAL_TOKENS = 32_768
+
+MAIN = ("q1-topk-k64-5M", "Q1", ["--activation", "topk", "--k", "64", "--d-sae", "9216", "--tokens", "5000000"])
+TABLE = [
+    ("q2-topk-k64", "Q2 Q3", ["--activation", "topk", "--k", "64"]),
+    ("q2-batchtopk-k64", "Q2", ["--activation", "batchtopk", "--k", "64"]),
+    (
+        "q2-matryoshka-k64",
+        "Q2",
+        [
+            "--activation",
+            "batchtopk",
+            "--k",
+            "64",
+            "--matryoshka",
+            "1152",
+            "--matryoshka",
+            "2304",
+            "--matryoshka",
+            "4608",
+            "--matryoshka",
+            "9216",
+        ],
+    ),
+    ("q2-jumprelu-l0-1", "Q2", ["--activation", "jumprelu", "--sparsity", "1"]),
+    ("q2-jumprelu-l0-3", "Q2", ["--activation", "jumprelu", "--sparsity", "3"]),
+    ("q2-relu-l1-5", "Q2", ["--activation", "relu", "--sparsity", "5"]),
+    ("q2-relu-l1-20", "Q2", ["--activation", "relu", "--sparsity", "20"]),
+    ("q3-topk-k16", "Q3", ["--activation", "topk", "--k", "16"]),
+    ("q3-topk-k32", "Q3", ["--activation", "topk", "--k", "32"]),
+    ("q3-topk-k128", "Q3", ["--activation", "topk", "--k", "128"]),
+]
+TABLE = [(name, group, [*args, "--d-sae", "9216", "--tokens", "1000000"]) for name, group, args in TABLE]
+DEMO = ("demo-topk-4608", "D", ["--activation", "topk", "--k", "64", "--d-sae", "4608", "--tokens", "2000000"])
+
+
+def _run(cmd: list[str]) -> str:
+    log("$ " + " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def train_and_eval(name: str, args: list[str], store: Path) -> dict:
+    """Train (or resume) RUNS/name and evaluate it; the result holds both commands and their figures."""
+    out = RUNS / name
+    result_file = out / "eval.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    train = [MECHSCOPE, "train-dict", "--out", str(out), "--sites", SITE, "--store", str(store), *args]
+    start = time.perf_counter()
+    _run(train)
+    train_s = time.perf_counter() - start
+    evaluate = [MECHSCOPE, "eval-dict", str(out / "dictionary"), "--tokens", str(EVAL_TOKENS), "--json",
+                "--png", str(out / "density.png")]  # fmt: skip
+    report = json.loads(_run(evaluate))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    result = {"name": name, "train_cmd": _shown(train, store), "eval_cmd": _shown(evaluate, store), "train_s": train_s,
+              "eval": report, "last_train_metrics": metrics[-1] if metrics else {}}  # fmt: skip
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _shown(cmd: list[str], store: Path) -> str:
+    return " ".join(["mechscope", *cmd[1:]]).replace(str(store), "STORE").replace(str(common.REPO) + "/", "")
+
+
+def frontier_png(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["eval"]["l0"], r["eval"]["fvu"], r["name"].rsplit("-", 1)[-1]) for r in rows)
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
+    for l0, fvu, label in pts:
+        ax.annotate(label, (l0, fvu), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("L0 (active latents per token, held out)")
+    ax.set_ylabel("FVU (held out)")
+    ax.set_title(f"TopK SAEs on {SITE}, 9,216 latents, 1 M tokens", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE)
+
+
+def _row(r: dict) -> str:
+    e = r["eval"]
+    return (
+        f"| {r['name']} | {e['l0']:.1f} | {e['fvu']:.3f} | {100 * e['ce_recovered']:.1f} % | {e['delta_ce']:.3f} | "
+        f"{e['kl']:.3f} | {100 * e['dead_fraction']:.1f} % | {r['train_s'] / 60:.0f} min |"
+    )
+
+
+HEADER = [
+    "| run | L0 | FVU | CE recovered | ΔCE (nats) | KL (nats) | dead | training time |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
+def render(main: dict, table: list[dict], demo: dict | None, stamp: str) -> str:
+    e = main["eval"]
+    met = [e["fvu"] <= 0.15, e["ce_recovered"] >= 0.95, e["dead_fraction"] <= 0.05]
+    lines = [MARK_BEGIN, "", "## Sparse dictionaries: quality on held-out text", "", f"Measured {stamp}.", ""]
+    lines += [
+        "Activations: one store of `blocks.15.hook_resid_post`, the first 4 positions of each context skipped, "
+        f"harvested by `{HARVEST}` (5.0 M tokens of the training documents of `builtin:all`; the model runs in "
+        "bfloat16 while harvesting, the store keeps bfloat16). Every evaluation runs the float32 model on "
+        f"{EVAL_TOKENS:,} tokens of held-out documents (every 20th document, never trained on), skipped positions "
+        "excluded: `mechscope eval-dict DIR --tokens 32768 --json`. CE recovered compares with zero ablation.",
+        "",
+        "### Q1. TopK, 9,216 latents, k = 64, 5 M tokens",
+        "",
+        "| figure | measured | target | met? |",
+        "|---|---|---|---|",
+        f"| FVU | {e['fvu']:.3f} | ≤ 0.15 | {_yes(met[0])} |",
+        f"| CE-loss recovered | {100 * e['ce_recovered']:.1f} % (CE clean {e['ce_clean']:.3f}, spliced {e['ce_spliced']:.3f}, "
+        f"zero-ablated {e['ce_ablated']:.3f}) | ≥ 95 % | {_yes(met[1])} |",
+        f"| dead latents | {100 * e['dead_fraction']:.1f} % | ≤ 5 % | {_yes(met[2])} |",
+        f"| L0 | {e['l0']:.1f} | 64 | — |",
+        f"| KL(clean ‖ spliced) per token | {e['kl']:.3f} nats | — | — |",
+        "",
+        f"Command: `{main['train_cmd']}` ({main['train_s'] / 60:.0f} min of training on this machine), "
+        f"then `{main['eval_cmd']}`.",
+        "",
+        "### Q2 and Q3. Activations side by side (1 M tokens each, 9,216 latents)",
+        "",
+        *HEADER,
+        *(_row(r) for r in table),
+        "",
+        "Commands (each followed by the same `eval-dict`):",
+        "",
+        *(f"- `{r['train_cmd']}`" for r in table),
+        "",
+        f"![L0-FVU frontier of TopK]({FIGURE.relative_to(common.BENCH_DIR)})",
+        "",
+    ]
+    if demo:
+        lines += ["### The demo's dictionary", "", *HEADER, _row(demo), "", f"Command: `{demo['train_cmd']}`.", ""]
+    lines += [MARK_END, ""]
+    return "\n".join(lines)
+
+
+def _yes(ok: bool) -> str:
+    return "**yes**" if ok else "**NO**"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--store", type=Path, default=common.BENCH_DIR / "out" / "quality-store")
+    parser.add_argument("--only", choices=["main", "table", "demo"], nargs="*", default=["main", "table", "demo"])
+    opts = parser.parse_args()
+    load_start = common.load_average()
+    store = opts.store.resolve()
+    if not (store / "manifest.json").exists() or not json.loads((store / "manifest.json").read_text()).get("complete"):
+        _run(HARVEST.replace("mechscope", MECHSCOPE, 1).replace("STORE", str(store)).split())
+    main_run = train_and_eval(MAIN[0], MAIN[2], store) if "main" in opts.only else None
+    table = [train_and_eval(name, args, store) for name, _, args in TABLE] if "table" in opts.only else []
+    demo = train_and_eval(DEMO[0], DEMO[2], store) if "demo" in opts.only else None
+    if table:
+        frontier_png([r for r, (_, group, _) in zip(table, TABLE, strict=True) if "Q3" in group])
+    if main_run and table:
+        stamp = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, mechscope commit "
+        stamp += f"{common.machine_info().get('mechscope commit', '?')}, load average at start {load_start}"
+        results = common.BENCH_DIR / "RESULTS.md"
+        section = render(main_run, table, demo, stamp)
+        results.write_text(common.splice_section(results.read_text(), section, MARK_BEGIN, MARK_END))
+        print(section)
+
+
+if __name__ == "__main__":
+    main()
