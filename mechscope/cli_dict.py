@@ -288,8 +288,33 @@ def feature(
         console.print(f"no PNG written to {shown(png)}: the histogram needs an index built with --dict")
 
 
+def convert_dict(
+    folder: Annotated[str, typer.Argument(help="A dictionary folder (mechscope, SAELens or sparsify).")],
+    out: Annotated[Path, typer.Option(help="The folder to write (replaced atomically).")],
+    to: Annotated[str, typer.Option(help="mechscope or saelens.")] = "mechscope",
+    dtype: Annotated[str, typer.Option(help="Weights on disk (mechscope format): float32, bfloat16 or float16.")] = "float32",
+    site: Annotated[str | None, typer.Option(help="The site an imported dictionary reads, where its files do not say.")] = None,
+):
+    """Convert a dictionary between formats (or to 16-bit weights); the feature activations stay the same."""
+    from mechscope.dictionaries.formats import export_saelens, load_any, save_dictionary
+
+    if to not in ("mechscope", "saelens"):
+        raise MechscopeError(f"--to {to!r} is not a format: valid values are mechscope, saelens")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MechscopeError(f"--dtype {dtype!r} is not a dtype: valid values are float32, bfloat16, float16")
+    if to == "saelens" and dtype != "float32":
+        raise MechscopeError("--dtype applies to the mechscope format only: SAELens folders are written in float32")
+    if Path(out).resolve() == Path(folder).resolve():
+        raise MechscopeError(f"--out {shown(out)} is the folder being converted: give another folder")
+    check_folder("--out", out)
+    dictionary = load_any(folder, site=site)
+    written = export_saelens(dictionary, out) if to == "saelens" else save_dictionary(dictionary, out, dtype=dtype)
+    console.print(f"{to} dictionary ({dictionary.cfg.d_in} -> {dictionary.d_sae} latents, {dtype}): {shown(written)}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the dictionary commands to `app`."""
     for fn, name in ((harvest, "harvest"), (train_dict, "train-dict"), (eval_dict, "eval-dict"),
-                     (find_feature, "find-feature"), (steer, "steer"), (feature, "feature")):  # fmt: skip
+                     (find_feature, "find-feature"), (steer, "steer"), (feature, "feature"),
+                     (convert_dict, "convert-dict")):  # fmt: skip
         app.command(name=name)(fn)

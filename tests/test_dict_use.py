@@ -237,3 +237,35 @@ def test_train_dict_refuses_a_bad_store_or_setting_in_one_line(tmp_path, run, mo
     for i, (args, message) in enumerate(cases):
         code, out = run(*train, "--out", tmp_path / f"run{i}", *args)
         assert code == 2 and message in out and len(out.strip().splitlines()) == 1, (args, out)
+
+
+def test_convert_dict_keeps_the_feature_activations(tmp_path, run):
+    from mechscope.dictionaries import DictConfig, Dictionary, load_any, save_dictionary
+
+    cfg = DictConfig([SITE], [SITE], 16, 16, 64, "topk", {"k": 4}, input_scale=[2.0], output_scale=[2.0])
+    d = Dictionary(cfg)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn_like(p, generator=None) * 0.3)
+    save_dictionary(d, tmp_path / "own")
+    x = torch.randn(32, 16) * 3
+    want = load_any(tmp_path / "own").encode_dense(x[:, None])
+    code, out = run("convert-dict", tmp_path / "own", "--out", tmp_path / "half", "--dtype", "float16")
+    assert code == 0, out
+    half_bytes = (tmp_path / "half" / "dictionary.safetensors").stat().st_size
+    assert half_bytes < 0.6 * (tmp_path / "own" / "dictionary.safetensors").stat().st_size
+    assert (load_any(tmp_path / "half").encode_dense(x[:, None]) - want).abs().max() < 2e-2 * want.abs().max()
+    code, out = run("convert-dict", tmp_path / "own", "--out", tmp_path / "sl", "--to", "saelens")
+    assert code == 0 and (tmp_path / "sl" / "sae_weights.safetensors").is_file(), out
+    assert torch.allclose(load_any(tmp_path / "sl").encode_dense(x[:, None]), want, atol=1e-5)
+    for args, message in (
+        (["--to", "onnx"], "--to 'onnx' is not a format"),
+        (["--dtype", "int8"], "--dtype 'int8' is not a dtype"),
+        (["--to", "saelens", "--dtype", "float16"], "mechscope format only"),
+    ):
+        code, out = run("convert-dict", tmp_path / "own", "--out", tmp_path / "x", *args)
+        assert code == 2 and message in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    code, out = run("convert-dict", tmp_path / "own", "--out", tmp_path / "own")
+    assert code == 2 and "being converted" in out
+    code, out = run("convert-dict", tmp_path / "nothing", "--out", tmp_path / "y")
+    assert code == 2 and "nothing" in out

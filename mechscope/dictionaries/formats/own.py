@@ -20,14 +20,24 @@ from mechscope.runtime import atomic_folder
 CONFIG, WEIGHTS = "cfg.json", "dictionary.safetensors"
 
 
-def save_dictionary(dictionary: Dictionary, folder: str | Path, extra: dict | None = None) -> Path:
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def save_dictionary(dictionary: Dictionary, folder: str | Path, extra: dict | None = None, dtype: str = "float32") -> Path:
     """Write `dictionary` (normalisation folded in) to `folder`, replacing it atomically; returns the folder.
 
     `extra` is stored beside the config under "training" (e.g. the training settings and final metrics).
+    `dtype` (float32, bfloat16 or float16) is the weights' precision on disk: half the size in 16 bits;
+    loading always gives float32 weights.
     """
+    if dtype not in SAVE_DTYPES:
+        raise MechscopeError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     folded = dictionary.folded()
     with atomic_folder(folder) as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in folded.state_dict().items()}
+        tensors = {
+            k: v.detach().to(SAVE_DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous().cpu()
+            for k, v in folded.state_dict().items()
+        }
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "mechscope-dictionary"})
         cfg = folded.cfg.to_dict()
         if extra:
