@@ -10,7 +10,8 @@ float32 model. The commands are printed into RESULTS.md as they ran.
   Q2. TopK, BatchTopK, JumpReLU, ReLU-L1 and Matryoshka-BatchTopK at comparable L0, 1 M tokens each.
   Q3. The L0-FVU frontier of TopK, k in {16, 32, 64, 128}, 1 M tokens each, as a plot
       (bench/figures/sae_frontier.png).
-  D.  The demo's dictionary: TopK, 4,608 latents, k = 64, 2 M tokens, saved in float16 to demo/sae-l15.
+  D.  The demo's dictionary: TopK, 4,608 latents, k = 64, 2 M tokens, converted to float16 weights into
+      mechscope/assets/sae-smollm2-l15 (`mechscope convert-dict ... --dtype float16`).
 
 Each run lives in RUNS/NAME (resumed if killed; skipped when its evaluation exists). The section of
 RESULTS.md between MARK_BEGIN and MARK_END is rewritten at the end.
@@ -70,6 +71,7 @@ TABLE = [
     ("q3-topk-k128", "Q3", ["--activation", "topk", "--k", "128"]),
 ]
 TABLE = [(name, group, [*args, "--d-sae", "9216", "--tokens", "1000000"]) for name, group, args in TABLE]
+DEMO_ASSET = common.REPO / "mechscope" / "assets" / "sae-smollm2-l15"
 DEMO = ("demo-topk-4608", "D", ["--activation", "topk", "--k", "64", "--d-sae", "4608", "--tokens", "2000000"])
 
 
@@ -93,7 +95,8 @@ def train_and_eval(name: str, args: list[str], store: Path) -> dict:
     train_s = time.perf_counter() - start
     evaluate = [MECHSCOPE, "eval-dict", str(out / "dictionary"), "--tokens", str(EVAL_TOKENS), "--json",
                 "--png", str(out / "density.png")]  # fmt: skip
-    report = json.loads(_run(evaluate))
+    printed = _run(evaluate)
+    report = json.loads(printed[printed.index("{") :])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = {"name": name, "train_cmd": _shown(train, store), "eval_cmd": _shown(evaluate, store), "train_s": train_s,
               "eval": report, "last_train_metrics": metrics[-1] if metrics else {}}  # fmt: skip
@@ -197,8 +200,10 @@ def main() -> None:
     if not (store / "manifest.json").exists() or not json.loads((store / "manifest.json").read_text()).get("complete"):
         _run(HARVEST.replace("mechscope", MECHSCOPE, 1).replace("STORE", str(store)).split())
     main_run = train_and_eval(MAIN[0], MAIN[2], store) if "main" in opts.only else None
-    table = [train_and_eval(name, args, store) for name, _, args in TABLE] if "table" in opts.only else []
     demo = train_and_eval(DEMO[0], DEMO[2], store) if "demo" in opts.only else None
+    if demo:
+        _run([MECHSCOPE, "convert-dict", str(RUNS / DEMO[0] / "dictionary"), "--out", str(DEMO_ASSET), "--dtype", "float16"])
+    table = [train_and_eval(name, args, store) for name, _, args in TABLE] if "table" in opts.only else []
     if table:
         frontier_png([r for r, (_, group, _) in zip(table, TABLE, strict=True) if "Q3" in group])
     if main_run and table:

@@ -125,7 +125,7 @@ def eval_dict(
     check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
     d = _dictionary(folder, m)
     check_range("--ctx-len", ctx_len, d.cfg.skip_positions + 2, m.n_ctx, f" (the first {d.cfg.skip_positions} are skipped)")
-    result = evaluate_dictionary(m, d, corpus, tokens=tokens, ctx_len=ctx_len, ablation=ablation, show_progress=True)
+    result = evaluate_dictionary(m, d, corpus, tokens=tokens, ctx_len=ctx_len, ablation=ablation, show_progress=not as_json)
     if png:
         density_histogram_png(result.density, png, title=str(folder))
     if as_json:
