@@ -9,7 +9,7 @@ differs from running the README by hand, all of it listed here:
   its text in the README, so none can silently go stale: the index builds read INDEX_TOKENS tokens
   (not 100,000), generations make GENERATED tokens, activation patching fills the one grid the
   example reads, the harvest stores 2,048 tokens in small shards, the dictionary trains on 2,048
-  tokens of the docs with small chunks, and eval-dict reads 1,024 held-out tokens of the docs.
+  tokens of the docs with small chunks, and eval-dict reads 372 held-out tokens of the docs.
   Shapes, names and the units the examples ask for are the README's.
 - Names the README leaves to the reader are given values (`PLACEHOLDERS`): `x` is the prompt's
   residual stream at layer 15, `direction` a fixed random direction, and `model.hf.generate(...)`
@@ -74,10 +74,12 @@ SMALLER_ARGS = {
     '--vs " Rome" [--attribution]': '--vs " Rome" [--attribution] --kind hook_resid_pre',
     "--tokens 5000000": "--tokens 2048 --shard-contexts 4",
     "--k 64 [--store acts/]": "--k 64 [--store acts/] --tokens 2048 --batch-size 1024 --chunk-contexts 16 --eval-tokens 1024",
-    "eval-dict sae/dictionary": "eval-dict sae/dictionary --tokens 1024 --corpus builtin",
+    "eval-dict sae/dictionary": "eval-dict sae/dictionary --tokens 256 --corpus builtin",
+    "sae/dictionary:123=8 [--clamp]": f"sae/dictionary:123=8 [--clamp] --generate {GENERATED}",
 }
-"""README command text -> what the test runs instead: smaller sizes, one patching grid (of four), and
-eval-dict on the docs' held-out documents alone (`builtin`, as above)."""
+"""README command text -> what the test runs instead: smaller sizes (steer generates GENERATED tokens,
+not its default 30), one patching grid (of four), and eval-dict on the docs' held-out documents alone
+(`builtin`, as above)."""
 
 PROMPT = "The reliability of Wikipedia is very"
 SEARCHED = " file"
@@ -466,8 +468,8 @@ def _train_dict(out, argv, folder):
 
 
 def _eval_dict(out, argv, folder):
-    """--tokens 1024 rounded up to whole contexts of 124 scored tokens (the first 4 positions of each left out)."""
-    assert f"on {-(-1024 // 124) * 124:,} held-out tokens" in out and re.search(r"│ fvu +│ +\d\.\d{4} │", out), out
+    """--tokens 256 rounded up to whole contexts of 124 scored tokens (the first 4 positions of each left out)."""
+    assert f"on {-(-256 // 124) * 124:,} held-out tokens" in out and re.search(r"│ fvu +│ +\d\.\d{4} │", out), out
 
 
 CLI_CHECKS = {
