@@ -46,6 +46,17 @@ def test_training_lowers_the_loss_and_saves_a_dictionary(tmp_path, activation):
     assert not (tmp_path / "checkpoint").exists()
 
 
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    d = train_dictionary(tiny_lm(), config(tokens=64 * 12), tmp_path, show_progress=False)
+    log = (tmp_path / "metrics.jsonl").read_text()
+    again = train_dictionary(tiny_lm(), config(tokens=64 * 12, checkpoint_seconds=5.0), tmp_path, show_progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == log  # the log is kept, nothing retrained
+    x = tiny_lm().run("The reliability of Wikipedia", read=[SITE]).cache[SITE][0, 4:]
+    torch.testing.assert_close(again.encode_dense(x), d.encode_dense(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(MechscopeError, match="holds a finished run with other settings"):
+        train_dictionary(tiny_lm(), config(tokens=64 * 13), tmp_path, show_progress=False)
+
+
 def test_matryoshka_and_transcoder(tmp_path):
     train_dictionary(tiny_lm(), config(matryoshka=[32, 128]), tmp_path / "m", show_progress=False)
     transcoder = config(sites=["blocks.1.hook_resid_mid"], write_sites=["blocks.1.hook_mlp_out"], skip_connection=True)

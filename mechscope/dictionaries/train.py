@@ -261,10 +261,35 @@ class Trainer:
         initialise(dictionary, targets, cfg.seed, decoder_norm=0.1 if cfg.activation == "relu" else 1.0)
         return dictionary
 
+    def _finished(self) -> Dictionary | None:
+        """The dictionary of a run that already finished in `out` with this config (None if there is none).
+
+        A finished run keeps no checkpoint; starting it again must not train afresh over its log and weights.
+        """
+        from mechscope.dictionaries.formats.own import load_dictionary, read_config
+
+        if not (self.out / "dictionary" / "cfg.json").is_file():
+            return None
+        saved = read_config(self.out / "dictionary").get("training", {}).get("config")
+        want = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        ignored = ("checkpoint_seconds", "eval_every")
+
+        def kept(config: dict) -> dict:
+            return {k: v for k, v in config.items() if k not in ignored}
+
+        if saved is None or kept(saved) != kept(want):
+            raise MechscopeError(
+                f"{str(self.out)!r} holds a finished run with other settings: "
+                "give another folder, or remove that one to train again"
+            )
+        return load_dictionary(self.out / "dictionary")
+
     def run(self) -> Dictionary:
         cfg = self.cfg
         base_lr = cfg.lr or default_lr(cfg.activation, cfg.d_sae or cfg.expansion * self.d)
         state = checkpoint.load(self.out / "checkpoint")
+        if state is None and (done := self._finished()) is not None:
+            return done
         if state is None:
             dictionary = self._new_dictionary(next(self.source.chunks(0))[1])
         else:
@@ -370,7 +395,8 @@ def train_dictionary(
     no model (`model=None`), training runs on the tensors alone (evaluating only with an `eval_source`).
 
     A run killed at any moment continues from `out/checkpoint` when started again with the same config,
-    and ends with the same weights as a run that never stopped.
+    and ends with the same weights as a run that never stopped. A run that has finished is not trained
+    again: the same config returns its dictionary, another raises `MechscopeError`.
 
     >>> d = train_dictionary(model, TrainConfig(sites=["blocks.15.hook_resid_post"], k=64, tokens=5_000_000), "sae-l15")
     """
