@@ -11,9 +11,9 @@ differs from running the README by hand, all of it listed here:
   example reads, the harvest stores 2,048 tokens in small shards, the dictionary trains on 2,048
   tokens of the docs with small chunks, and eval-dict reads 372 held-out tokens of the docs.
   Shapes, names and the units the examples ask for are the README's.
-- Names the README leaves to the reader are given values (`PLACEHOLDERS`): `x` is the prompt's
+- Names the README leaves to the reader are given values (`placeholders`): `x` is the prompt's
   residual stream at layer 15, `direction` a fixed random direction, and `model.hf.generate(...)`
-  generates two tokens.
+  generates two tokens (HF_GENERATE).
 - Optional parts `[...]` of a command run, except those that name a placeholder (`FILE`, `DB`, `PATH`,
   ...); `a|b|c` runs once per choice. `index merge` gets two shards built here first.
 - The index of every MLP neuron is built once (`neuron_index`: `build_index` with the README's settings,
@@ -55,6 +55,9 @@ INDEX_TOKENS = 2048
 GENERATED = 4
 """New tokens of the test's generations: the README's generate 20 and 30."""
 
+HF_GENERATE = "model.to_ids(text), max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True"
+"""What the README's `model.hf.generate(...)` is given: two tokens, with the logits of each step."""
+
 SMALLER = {
     "IndexSettings(tokens=100_000)": f"IndexSettings(tokens={INDEX_TOKENS})",
     "k=64, tokens=5_000_000)": (
@@ -62,7 +65,7 @@ SMALLER = {
     ),
     "max_new_tokens=20)": f"max_new_tokens={GENERATED})",
     'vs=" Rome")': 'vs=" Rome", kinds="hook_resid_pre")',
-    "model.hf.generate(...)": "model.hf.generate(model.to_ids(text), max_new_tokens=2, do_sample=False)",
+    "model.hf.generate(...)": f"model.hf.generate({HF_GENERATE})",
 }
 """README Python text -> what the test runs instead: smaller sizes, the patching grid the example reads
 (not all four), and the dictionary's text from the docs alone (`builtin`, not `builtin:all`: packing
@@ -83,13 +86,13 @@ not its default 30), one patching grid (of four), and eval-dict on the docs' hel
 
 PROMPT = "The reliability of Wikipedia is very"
 SEARCHED = " file"
-"""The README's `index search` example: a token CPython's documentation has (20 times in the test's index)."""
+"""The README's `index search` example: a token CPython's documentation has (about 20 times in the test's index)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Torch on one thread while these tests run: on two cores shared with other jobs, two threads make
-    each forward pass ~15x slower than one (they wait on each other); the results are the same."""
+    each forward pass ~15x slower than one (they wait on each other); results agree to float rounding."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -110,7 +113,14 @@ def readme_text() -> str:
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", readme_text(), flags=re.DOTALL)
+    return [text for _, text in blocks_at(language)]
+
+
+def blocks_at(language: str) -> list[tuple[int, str]]:
+    """(README line before the block's first line, its text) of each ```language block."""
+    text = readme_text()
+    found = re.finditer(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+    return [(text[: m.start(1)].count("\n"), m[1]) for m in found]
 
 
 def smaller(text: str, table: dict[str, str]) -> str:
@@ -196,12 +206,13 @@ def commented_statements(source: str) -> dict[int, str]:
     return recorder.found
 
 
-def run_python_block(source: str, namespace: dict, checked: dict[str, str]) -> None:
+def run_python_block(source: str, namespace: dict, checked: dict[str, str], line: int = 0) -> None:
     """Run one README block (made SMALLER) in `namespace`, checking each commented statement's first
-    value with its CLAIMS entry; `checked` collects key -> comment of the ones checked."""
+    value with its CLAIMS entry; `checked` collects key -> comment of the ones checked. Tracebacks
+    name README.md and its line (`line`: the README line before the block)."""
     keys = commented_statements(source)
     runnable = smaller(source, SMALLER)
-    tree = Recorder(runnable, keys).visit(ast.parse(runnable))
+    tree = ast.increment_lineno(Recorder(runnable, keys).visit(ast.parse(runnable)), line)
 
     def _seen(key: str, note: str, value):
         if key not in checked:
@@ -341,7 +352,8 @@ def _encoded(features, note, ns):
 
 
 def _steered(result, note, ns):
-    assert result.targets == [] or result is not None  # runs; tests/test_dict_use.py checks the arithmetic
+    """The clamp reaches the prediction (tests/test_dict_use.py checks its arithmetic against a manual recomputation)."""
+    assert result.interventions and result.kl > 0 and result.before.top[0].prob != result.after.top[0].prob
 
 
 def _read(shape, note, ns):
@@ -353,8 +365,12 @@ def _logits(logits, note, ns):
     assert logits.shape == (1, ns["model"].to_ids(ns["text"]).shape[-1], ns["model"].config.vocab_size)
 
 
-def _generated_in_hooks(ids, note, ns):
-    assert ids.shape[-1] == ns["model"].to_ids(ns["text"]).shape[-1] + 2
+def _generated_in_hooks(out, note, ns):
+    """The write applies on every forward pass of the generation: each step's logits differ from those of
+    the same generation without it (`placeholders`' "plain_generation")."""
+    plain = ns["plain_generation"]
+    assert out.sequences.shape == plain.sequences.shape == (1, ns["model"].to_ids(ns["text"]).shape[-1] + 2)
+    assert len(out.scores) == 2 and all(not torch.allclose(a, b) for a, b in zip(out.scores, plain.scores, strict=True))
 
 
 CLAIMS = {
@@ -529,7 +545,8 @@ def placeholders(model) -> dict:
     """Values of the names the README's examples leave to the reader."""
     site = "blocks.15.hook_resid_post"
     direction = torch.randn(model.dims.d_model, generator=torch.Generator().manual_seed(0))
-    return {"x": model.run(PROMPT, read=[site]).cache[site], "direction": direction / direction.norm()}
+    plain = eval(f"model.hf.generate({HF_GENERATE})", {"model": model, "text": PROMPT})  # no hooks: to compare with
+    return {"x": model.run(PROMPT, read=[site]).cache[site], "direction": direction / direction.norm(), "plain_generation": plain}
 
 
 def test_every_commented_statement_has_a_check():
@@ -549,8 +566,8 @@ def test_python_examples(smollm2, neuron_index, tmp_path, monkeypatch):
     notes = [{"body": doc.text} for doc in itertools.islice(corpus().documents(), 20)]
     Path("notes.jsonl").write_text("".join(json.dumps(note) + "\n" for note in notes))
     namespace, checked = {"__name__": "readme", **placeholders(smollm2)}, {}
-    for block in blocks("python"):
-        run_python_block(block, namespace, checked)
+    for line, block in blocks_at("python"):
+        run_python_block(block, namespace, checked, line)
     assert set(checked) == set(CLAIMS)  # every claim was reached
 
 
