@@ -536,6 +536,9 @@ def test_command_lines(smollm2, neuron_index, tmp_path, monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "index", "search", absent)
     said = f"{absent!r} never occurs in the {INDEX_TOKENS:,} tokens this index read from builtin:python-docs"
     assert code == 0 and said in " ".join(out.split()), out
+    code, out, _ = run_main(monkeypatch, capsys, "index", "search", "Wikipedia" + SEARCHED)  # never after "Wikipedia"
+    said = r"the last token occurs [1-9][\d,]* times, but no unit has one of those, after the rest of the string,"
+    assert code == 0 and re.search(said, " ".join(out.split())), out
 
 
 # -- the Python examples --------------------------------------------------------------------------
