@@ -89,7 +89,10 @@ def train_dict(
     check_folder("--out", out)
     m = _load(model)
     d = train_dictionary(m, config, out)
-    log = read_metrics(out / "metrics.jsonl")
+    log = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    if not log:  # a finished run whose log was removed
+        console.print(f"dictionary {shown(out / 'dictionary')}: {d.cfg.kind}, {d.d_sae:,} latents (trained before; no log)")
+        return
     last = log[-1]
     fvu, l0 = last.get("eval_fvu", float("nan")), last.get("eval_l0", float("nan"))
     console.print(
