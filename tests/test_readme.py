@@ -488,6 +488,15 @@ def _eval_dict(out, argv, folder):
     assert f"on {-(-256 // 124) * 124:,} held-out tokens" in out and re.search(r"│ fvu +│ +\d\.\d{4} │", out), out
 
 
+def _convert_dict(out, argv, folder):
+    """The converted folder loads, with the same features (float16 weights on disk when asked)."""
+    from mechscope.dictionaries import load_any
+
+    written = folder / _option(argv, "--out")
+    assert (written / "dictionary.safetensors").is_file() and "float16" in out, out
+    assert load_any(written).d_sae == load_any(folder / "sae" / "dictionary").d_sae
+
+
 CLI_CHECKS = {
     "predict": _predict_json,
     "attribute": _attribute,
@@ -498,6 +507,7 @@ CLI_CHECKS = {
     "harvest": _harvest,
     "train-dict": _train_dict,
     "eval-dict": _eval_dict,
+    "convert-dict": _convert_dict,
 }
 """Command -> a check of what it printed, beyond its exit code and the files it names."""
 
