@@ -8,6 +8,9 @@
 5. The top neuron's activation over a few texts, as a token heatmap.
 6. The top examples of the neurons behind the target, from the max-activating index of every neuron
    over the built-in corpus (a small one is built first, in about a minute, if there is none yet).
+7. A sparse autoencoder on layer 15's residual stream, shipped with mechscope: its quality, the features
+   behind the prompt's last token with their pages, a feature found for a concept, and steering with
+   it (`mechscope.demo_dictionary`).
 
 Everything is printed and collected in one light self-contained HTML report (no plotly.js). Text from
 the prompt, the target and the corpus is shown as written (never read as markup).
@@ -34,6 +37,7 @@ from mechscope.attribution import (
     rank_units,
     rankings_table,
 )
+from mechscope.demo_dictionary import dictionary_sections
 from mechscope.errors import MechscopeError
 from mechscope.index import store
 from mechscope.index.build import IndexSettings, build_index, default_index_path
@@ -143,6 +147,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
 
     console.print(Text("\n") + plain(f"where the neurons behind {target!r} fire most", "bold") + Text(" (max-activating index)"))
     examples = index_sections(model, console, neurons)
+    dictionary = dictionary_sections(model, console, text)
 
     report = viz.write_report(
         out / "demo.html",
@@ -161,6 +166,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
             ("What the top three units do", viz.table_html(header, effects)),
             (f"Neuron {top_neuron} over a few texts", viz.token_heatmap_html(values)),
             *examples,
+            *dictionary,
         ],
     )
     png = viz.lens_png(lens, out / "demo-lens.png")

@@ -70,11 +70,21 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _umask_modes(tmp)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give the files written in `folder` the usual mode (0o666 less the umask): some writers create them 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def progress(title: str, fields: str = "", show: bool = True) -> Progress:

@@ -69,6 +69,9 @@ def test_demo_writes_report(monkeypatch, capsys, tmp_path):
     page = (tmp_path / "demo.html").read_text()
     assert "Logit lens of" in page and "class='ms-tok skip'" in page and "top 6 of" in page  # lens, heatmap, index
     assert "<script" not in page and len(page) < 500_000 and (tmp_path / "demo-lens.png").exists()  # light: no plotly.js
+    dictionary_parts = ("Its quality on", "Features that fire most on the prompt", "Feature f:sae-l15:", "Features for the")
+    for part in (*dictionary_parts, "Steering: add"):
+        assert part in page, part  # the dictionary section
 
 
 @pytest.mark.parametrize(
