@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -219,3 +220,27 @@ def tiny_lm(family: str = "llama", seed: int = 0) -> mechscope.Model:
     torch.manual_seed(seed)
     hf = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return mechscope.load(hf, tokenizer=fast)
+
+
+def invoke_cli(monkeypatch, capsys, *argv, load=None, width: int = 2000, consoles=()) -> tuple[int, str, str]:
+    """Run the `mechscope` command in-process through its entry point: (exit code, stdout, stderr).
+
+    `load` replaces `cli._load` (the model loader), `width` is the width of the consoles of `cli` and of
+    the modules in `consoles` (wide enough not to wrap, by default).
+    """
+    from rich.console import Console
+
+    from mechscope import cli
+
+    monkeypatch.setattr(sys, "argv", ["mechscope", *map(str, argv)])
+    if load is not None:
+        monkeypatch.setattr(cli, "_load", load)
+    for module in (cli, *consoles):
+        monkeypatch.setattr(module, "console", Console(width=width))
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

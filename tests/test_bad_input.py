@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from rich.console import Console
+from conftest import invoke_cli
 
 import mechscope as ms
-from mechscope import cli
 from mechscope.models.text import check_text
 
 VALID = {
@@ -30,16 +29,7 @@ LONE_SURROGATES = {
 
 def run_main(monkeypatch, capsys, model, *argv):
     """Run the CLI in-process on an already loaded model; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
-    monkeypatch.setattr(cli, "_load", lambda *args: model)
-    monkeypatch.setattr(cli, "console", Console(width=160))
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke_cli(monkeypatch, capsys, *argv, load=lambda *args: model, width=160)
 
 
 @pytest.mark.parametrize("case", list(VALID))

@@ -7,24 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from rich.console import Console
-
-from mechscope import cli
+from conftest import invoke_cli
 
 PROMPT = "The reliability of Wikipedia is very"
 
 
 def run_main(monkeypatch, capsys, *argv):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
-    monkeypatch.setattr(cli, "console", Console(width=160))
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke_cli(monkeypatch, capsys, *argv, width=160)
 
 
 def test_predict_json(monkeypatch, capsys):

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-from rich.console import Console
+from conftest import invoke_cli
 
 import mechscope as ms
-from mechscope import cli
 from mechscope.attribution import activation_patching, direct_logit_attribution, generate, rank_units
 
 PROMPT = "The reliability of Wikipedia is very"
@@ -18,16 +17,7 @@ PROMPT = "The reliability of Wikipedia is very"
 
 def run_main(monkeypatch, capsys, model, *argv):
     """Run the CLI in-process; `model` is what loading gives (a callable that fails: the model must not load)."""
-    monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
-    monkeypatch.setattr(cli, "_load", model if callable(model) else lambda *args: model)
-    monkeypatch.setattr(cli, "console", Console(width=2000))
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke_cli(monkeypatch, capsys, *argv, load=model if callable(model) else lambda *args: model)
 
 
 def not_loaded(*args):

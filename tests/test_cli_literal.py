@@ -1,12 +1,10 @@
 """Text from the user, the model or a corpus is shown literally by every command: rich markup in it is
 not read as markup, and terminal escape sequences in it are shown as escapes, never sent raw."""
 
-import sys
-
 import pytest
+from conftest import invoke_cli
 from rich.console import Console
 
-from mechscope import cli
 from mechscope.cli_common import error_line, literal, shown, visible
 
 pytestmark = pytest.mark.slow
@@ -18,16 +16,7 @@ ESC = "\x1b"
 
 def run_main(monkeypatch, capsys, model, *argv):
     """Run the CLI in-process on an already loaded model, on a console too wide to wrap; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
-    monkeypatch.setattr(cli, "_load", lambda *args: model)
-    monkeypatch.setattr(cli, "console", Console(width=2000))
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke_cli(monkeypatch, capsys, *argv, load=lambda *args: model)
 
 
 def shows_literally(out: str, *pieces: str) -> None:

@@ -1,13 +1,11 @@
 """Output paths are checked before any work and named as given; files are written whole or not at all,
 and the path printed is the path written."""
 
-import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from conftest import invoke_cli
 
-from mechscope import cli
 from mechscope.cli_common import atomic_output, check_folder, check_output
 from mechscope.errors import MechscopeError
 
@@ -16,16 +14,7 @@ PROMPT = "The reliability of Wikipedia is very"
 
 def run_main(monkeypatch, capsys, load, *argv):
     """Run the CLI in-process with `load` as the model loader; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mechscope", *argv])
-    monkeypatch.setattr(cli, "_load", load)
-    monkeypatch.setattr(cli, "console", Console(width=2000))
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke_cli(monkeypatch, capsys, *argv, load=load)
 
 
 def not_loaded(*args):

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import pytest
 import torch
-from conftest import tiny_lm
-from rich.console import Console
+from conftest import invoke_cli, tiny_lm
 from test_train_dict import config
 
 import mechscope
-from mechscope import cli, cli_dict
+from mechscope import cli_dict
 from mechscope.attribution import generate, intervene
 from mechscope.dictionaries import load_dictionary, train_dictionary
 from mechscope.dictionaries.evaluate import evaluate_dictionary
@@ -128,14 +126,7 @@ def run(monkeypatch, capsys):
     """Run the `mechscope` command in-process through its entry point (exit codes and one-line errors included)."""
 
     def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["mechscope", *map(str, args)])
-        monkeypatch.setattr(cli_dict, "console", Console(width=200))
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as done:
-            code = done.code or 0
-        out, err = capsys.readouterr()
+        code, out, err = invoke_cli(monkeypatch, capsys, *args, width=200, consoles=(cli_dict,))
         return code, out + err
 
     return invoke

@@ -9,18 +9,15 @@ hand, and the commands (`index build --dict`, `index show/rank/search`, `feature
 
 from __future__ import annotations
 
-import sys
-
 import duckdb
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lm
-from rich.console import Console
+from conftest import invoke_cli, tiny_lm
 from safetensors.torch import save_file
 from test_index_build import _assert_same, _tables
 
-from mechscope import cli, cli_dict, cli_index
+from mechscope import cli_dict, cli_index
 from mechscope.dictionaries import DictConfig, Dictionary, load_any, save_dictionary
 from mechscope.errors import MechscopeError
 from mechscope.index import store
@@ -181,17 +178,9 @@ def run(monkeypatch, capsys):
     """The `mechscope` command in-process on the tiny model: (exit code, stdout + stderr)."""
     for module in (cli_index, cli_dict):
         monkeypatch.setattr(module, "_load", lambda *_: tiny_lm())
-    monkeypatch.setattr(cli, "console", Console(width=160))
-    monkeypatch.setattr(cli_dict, "console", Console(width=160))
 
     def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["mechscope", *map(str, args)])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as done:
-            code = done.code or 0
-        out, err = capsys.readouterr()
+        code, out, err = invoke_cli(monkeypatch, capsys, *args, width=160, consoles=(cli_dict,))
         return code, out + err
 
     return invoke
