@@ -59,8 +59,10 @@ def test_piped_examples_mark_their_own_token():
     terminal = _terminal(examples_text([_example(4.0, 1)]))
     assert " a[i] b c" in terminal and "⟦" not in terminal
     from mechscope.index.query import Stratum
+    from mechscope.index.stats import N_STRATA, stratum_range
 
-    strata = [Stratum(3, 2.0, 4.0, 0.5, 0.9, [_example(3.0, 2)])]
+    octave = next(s for s in range(N_STRATA) if stratum_range(s) == (2.0, 4.0))  # the positive range [2, 4)
+    strata = [Stratum(octave, 2.0, 4.0, 0.5, 0.9, [_example(3.0, 2)])]
     assert "⟦ c⟧" in _piped(strata_text(strata)) and "[2, 4)" in _piped(strata_text(strata))
 
 
