@@ -24,7 +24,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 import mechscope
@@ -37,7 +36,7 @@ from mechscope.attribution import (
     rank_units,
     rankings_table,
 )
-from mechscope.demo_dictionary import dictionary_sections
+from mechscope.demo_dictionary import dictionary_sections, plain_table
 from mechscope.errors import MechscopeError
 from mechscope.index import store
 from mechscope.index.build import IndexSettings, build_index, default_index_path
@@ -96,16 +95,6 @@ def index_sections(model, console: Console, neurons: list[str]) -> list[tuple[st
     return sections
 
 
-def _table(title: str, header: list[str], rows: list[tuple]) -> Table:
-    """A table whose title, headers and cells are shown as written."""
-    table = Table(title=plain(title), title_justify="left")
-    for column in header:
-        table.add_column(plain(column))
-    for row in rows:
-        table.add_row(*(plain(str(cell)) for cell in row))
-    return table
-
-
 def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     start = time.perf_counter()
     model = mechscope.load()
@@ -115,7 +104,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     score = prediction.targets[0]
     top_rows = [(token_label(t.token), f"{t.prob:.4f}", f"{t.logprob:.3f}") for t in prediction.top]
     console.print(plain(f"prompt: {text!r} -> tokens [{', '.join(map(token_label, prediction.tokens))}]"))
-    console.print(_table("next-token distribution", ["token", "prob", "log-prob"], top_rows))
+    console.print(plain_table("next-token distribution", ["token", "prob", "log-prob"], top_rows))
     console.print(plain(f"P({target!r}) = {score.prob:.4f}, rank {score.rank}"))
 
     lens = mechscope.logit_lens(model, text, [target], k=5)
@@ -123,7 +112,9 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
 
     attribution = direct_logit_attribution(model, text, target)
     units = [(name, "neuron" if ":" in name else "head", f"{value:+.4f}") for name, value in attribution.top(10)]
-    console.print(_table(f"top 10 heads (L.H) and neurons (L:N) writing logit({target!r})", ["unit", "kind", "direct"], units))
+    console.print(
+        plain_table(f"top 10 heads (L.H) and neurons (L:N) writing logit({target!r})", ["unit", "kind", "direct"], units)
+    )
 
     rankings = rank_units(model, text, target, top=10)
     console.print(rankings_table(rankings))
@@ -136,7 +127,7 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
         doubled = intervene(model, text, [Intervention.scale([name], 2.0)], targets=[target]).targets[0]
         effects.append((name, f"{score.prob:.4f}", f"{ablated.prob_after:.4f}", f"{doubled.prob_after:.4f}"))
     header = ["unit", f"P({target!r})", "zero-ablated", "doubled"]
-    console.print(_table("what the top three units do", header, effects))
+    console.print(plain_table("what the top three units do", header, effects))
 
     neurons = [name for name, value in attribution.top(200) if value > 0 and ":" in name][:3]
     top_neuron = neurons[0] if neurons else "29:288"

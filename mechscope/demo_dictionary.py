@@ -57,7 +57,8 @@ STEER_PROMPT = "My favourite thing about the weekend is"
 STEER_TOKENS = 24
 
 
-def _table(title: str, header: list[str], rows: list[tuple]) -> Table:
+def plain_table(title: str, header: list[str], rows: list[tuple]) -> Table:
+    """A table whose title, headers and cells are shown as written (never read as markup)."""
     table = Table(title=plain(title), title_justify="left")
     for column in header:
         table.add_column(plain(column))
@@ -95,7 +96,7 @@ def dictionary_sections(model, console: Console, text: str) -> list[tuple[str, s
     row = (f"{quality.fvu:.3f}", f"{quality.l0:.1f}", f"{quality.ce_recovered:.1%}", f"{quality.ce_clean:.3f}",
            f"{quality.ce_spliced:.3f}", f"{quality.kl:.3f}", f"{quality.dead_fraction:.1%}")  # fmt: skip
     title = f"its quality on {quality.tokens:,} held-out tokens (the first {quality.skip} positions of each context left out)"
-    console.print(_table(title, header, [row]))
+    console.print(plain_table(title, header, [row]))
     sections.append((title[0].upper() + title[1:], table_html(header, [row])))
 
     x = model.run(text, read=[SITE]).cache[SITE][0, -1]
@@ -104,7 +105,7 @@ def dictionary_sections(model, console: Console, text: str) -> list[tuple[str, s
     last = token_label(model.to_str_tokens(model.to_ids(text))[-1])
     rows = [(int(f), f"{float(v):.3f}") for v, f in zip(top.values, top.indices, strict=True)]
     title = f"features that fire most on the prompt's last token {last}"
-    console.print(_table(title, ["feature", "activation"], rows))
+    console.print(plain_table(title, ["feature", "activation"], rows))
     sections.append((title[0].upper() + title[1:], table_html(["feature", "activation"], rows)))
 
     with Index(feature_index(model, sae, console), model=model) as index:
@@ -123,7 +124,7 @@ def dictionary_sections(model, console: Console, text: str) -> list[tuple[str, s
     rows = [(f.feature, f"{f.score:.3f}", f"{f.coverage:.0%}", f"{f.concept:.3f}", f"{f.elsewhere:.3f}") for f in found]
     header = ["feature", "score", "coverage", "on the concept", "elsewhere"]
     title = f"features for the concept {CONCEPT!r} ({len(CONCEPT_TEXTS)} texts that mention it, {len(OTHER_TEXTS)} that do not)"
-    console.print(_table(title, header, rows))
+    console.print(plain_table(title, header, rows))
     sections.append((title[0].upper() + title[1:], table_html(header, rows)))
 
     best = found[0]
