@@ -276,12 +276,8 @@ def feature(
     if card.unit is None:
         console.print(shown(card.note))
     else:
-        console.print(views.histogram_text(card.unit.histogram))
-        console.print(f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)")
-        console.print(views.examples_text(examples))
-        if strata:
-            console.print("\n[bold]samples by activation range[/]")
-            console.print(views.strata_text(strata))
+        for part in views.examples_renderables(card.unit.histogram, examples, strata):
+            console.print(part)
     if html:
         console.print(f"HTML page: {views.feature_page(html, card, examples, strata).resolve()}")
     if png and card.unit is not None:

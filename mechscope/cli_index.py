@@ -197,12 +197,8 @@ def show(
         console.print(table)
     if card.unit.site.startswith("f:"):
         console.print("[dim]its logit effects and nearest features: mechscope feature DIR F (DIR: the dictionary's folder)[/]")
-    console.print(views.histogram_text(card.histogram))
-    console.print(f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)")
-    console.print(views.examples_text(examples))
-    if strata:
-        console.print("\n[bold]samples by activation range[/]")
-        console.print(views.strata_text(strata))
+    for part in views.examples_renderables(card.histogram, examples, strata):
+        console.print(part)
     if html:
         console.print(f"HTML page: {views.unit_page(html, card, examples, strata).resolve()}")
     if png:

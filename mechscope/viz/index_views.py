@@ -123,6 +123,15 @@ def _quantiles(s: Stratum) -> str:
     return f"quantiles {100 * s.q_low:.2f}%–{100 * s.q_high:.2f}% of tokens"
 
 
+def examples_renderables(hist: Histogram, examples: Sequence[Example], strata: Sequence[Stratum] = ()) -> list:
+    """What a unit's page prints after its tables: histogram, top examples, then samples by range (rich renderables)."""
+    out = [histogram_text(hist), f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)"]
+    out.append(examples_text(examples))
+    if strata:
+        out += ["\n[bold]samples by activation range[/]", strata_text(strata)]
+    return out
+
+
 def card_tables(card: UnitCard) -> list[Table]:
     """The card as rich tables: statistics, input tokens, and output tokens for a neuron."""
     st = card.stats
