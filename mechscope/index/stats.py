@@ -29,7 +29,6 @@ Shapes: U units, N tokens in a batch, D units in one site, K top examples, S str
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -207,27 +206,32 @@ class UnitStats:
         """Fold in activations [N, D] of units offset..offset+D-1 at the tokens `tokens_N` (global indices, ascending).
 
         `positions_N` gives each token's position in its context; rows of one context are consecutive.
+        One compiled pass (`kernels.fold`) adds the sums, counts and histograms and marks the few pairs
+        that may enter a top-k or a sample; only those are sorted and merged here.
         """
+        from mechscope.index import kernels
+
         acts_ND = acts_ND.float().contiguous()
         units = slice(offset, offset + acts_ND.shape[1])
         if count_tokens:
             self.tokens += acts_ND.shape[0]
-        # One batch sums in float32 (exact enough for ~1e3 tokens), batches accumulate in float64.
-        self.total[units] += acts_ND.sum(0)
-        self.total_sq[units] += (acts_ND * acts_ND).sum(0)
-        self.active[units] += (acts_ND > self.threshold).view(torch.uint8).sum(0, dtype=torch.int32)
+        salts, bars = self.salts[units], self.bars[units]
+        hashes = token_hashes(tokens_N, self.seed)
+        top, at = kernels.fold(
+            acts_ND.numpy(), self.threshold, self.top_values[units, self.k - 1].contiguous().numpy(),
+            _high(hashes), _high(salts), bars.numpy(), self.total[units].numpy(), self.total_sq[units].numpy(),
+            self.active[units].numpy(), self.hist[units].numpy(),
+        )  # fmt: skip
         width = acts_ND.shape[1]
-        flat_bins = value_bins(acts_ND).add_(torch.arange(0, width * N_BINS, N_BINS, dtype=torch.int32))  # [N, D]
-        self.hist[units].view(-1).add_(torch.bincount(flat_bins.view(-1), minlength=width * N_BINS))
-        self._update_top(units, acts_ND, tokens_N, positions_N)
-        self._update_samples(units, acts_ND, tokens_N, flat_bins)
+        top = torch.from_numpy(top)
+        self._update_top(units, acts_ND, tokens_N, positions_N, top // width, top % width)
+        self._update_samples(units, acts_ND, tokens_N, hashes, torch.from_numpy(at))
 
-    def _update_top(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, positions_N: Tensor) -> None:
+    def _update_top(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, positions_N: Tensor, rows, cols) -> None:
+        """Merge the pairs (rows, cols) at or above their unit's k-th value into the top-k."""
         k = self.k
-        bar = self.top_values[units, k - 1]
-        rows, cols = (acts_ND >= bar).nonzero(as_tuple=True)
         if len(cols) > 8 * k * acts_ND.shape[1]:  # early on: raise the bar to this batch's own k-th values
-            bar = torch.maximum(bar, acts_ND.topk(min(k, acts_ND.shape[0]), dim=0).values[-1])
+            bar = torch.maximum(self.top_values[units, k - 1], acts_ND.topk(min(k, acts_ND.shape[0]), dim=0).values[-1])
             rows, cols = (acts_ND >= bar).nonzero(as_tuple=True)
         if len(cols) == 0:
             return
@@ -267,29 +271,28 @@ class UnitStats:
         out[~old] = torch.where(inside, values, torch.nan).half()
         return out
 
-    def _update_samples(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, flat_bins: Tensor) -> None:
-        """Offer every (token, unit) to the unit's stratum of its value; keep each stratum's R smallest priorities.
-
-        Pairs are ruled out on the top 16 bits of their priority against the bars of their bins, four
-        cheap operations per pair; the few left are merged into their strata.
-        """
-        width = acts_ND.shape[1]
-        salts, bars = self.salts[units], self.bars[units]
-        hashes = token_hashes(tokens_N, self.seed)
-        high = (hashes >> 48).short()[:, None] ^ (salts >> 48).short()  # [N, D] the priorities' top 16 bits
-        at = (high <= bars.view(-1).index_select(0, flat_bins.view(-1)).view_as(high)).view(-1).nonzero()[:, 0]
+    def _update_samples(self, units: slice, acts_ND: Tensor, tokens_N: Tensor, hashes_N: Tensor, at: Tensor) -> None:
+        """Offer the pairs at flat positions `at` of [N, D], those whose priority's top 16 bits pass the bar
+        of their bin, to their strata; keep each stratum's R smallest priorities."""
         if len(at) == 0:
             return
-        if 4 * len(at) > high.numel() and len(acts_ND) > 64:  # early on: half the rows first fill strata and lower the bars
+        width = acts_ND.shape[1]
+        if 4 * len(at) > acts_ND.numel() and len(acts_ND) > 64:  # early on: half the rows first fill strata and lower the bars
+            from mechscope.index import kernels
+
             half = len(acts_ND) // 2
             for part in (slice(0, half), slice(half, None)):
-                self._update_samples(units, acts_ND[part], tokens_N[part], flat_bins[part])
+                acts, hashes = acts_ND[part], hashes_N[part]
+                at = kernels.screen(acts.numpy(), _high(hashes), _high(self.salts[units]), self.bars[units].numpy())
+                self._update_samples(units, acts, tokens_N[part], hashes, torch.from_numpy(at))
             return
         rows, cols = at // width, at % width
-        slot = _slots(width)[flat_bins.view(-1)[at]]  # (unit, stratum) within the site
-        new = (slot, hashes[rows] ^ salts[cols], tokens_N[rows], acts_ND.view(-1)[at])
+        values = acts_ND.view(-1)[at]
+        slot = cols * N_STRATA + STRATUM_OF_BIN[value_bins(values)]  # (unit, stratum) within the site
+        salts = self.salts[units]
+        new = (slot, hashes_N[rows] ^ salts[cols], tokens_N[rows], values)
         held = (self.sample_tokens[units].view(-1, self.n_samples), self.sample_values[units].view(-1, self.n_samples))
-        self._keep_smallest(*held, salts, bars, new)
+        self._keep_smallest(*held, salts, self.bars[units], new)
 
     def _keep_smallest(self, tokens_XR: Tensor, values_XR: Tensor, salts: Tensor, bars: Tensor, new: tuple) -> None:
         """Merge `new` (slot, priority, token, value) candidates into the rows X = (unit, stratum) of [X, R]
@@ -351,11 +354,9 @@ class UnitStats:
         return out
 
 
-@functools.cache
-def _slots(width: int) -> Tensor:
-    """[width * N_BINS] the (unit, stratum) slot, unit * N_STRATA + stratum, of each of a site's flat bins."""
-    flat = torch.arange(width * N_BINS)
-    return flat // N_BINS * N_STRATA + STRATUM_OF_BIN[flat % N_BINS]
+def _high(x: Tensor) -> np.ndarray:
+    """int16 top 16 bits of int64 priorities, hashes or salts."""
+    return (x >> 48).short().numpy()
 
 
 def _bars(last: Tensor, salts: Tensor, seed: int) -> Tensor:
