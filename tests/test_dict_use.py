@@ -7,6 +7,7 @@ Runs on the tiny Llama with a real tokenizer (`conftest.tiny_lm`), saved to a fo
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 import pytest
@@ -260,3 +261,38 @@ def test_convert_dict_keeps_the_feature_activations(tmp_path, run):
     assert code == 2 and "being converted" in out
     code, out = run("convert-dict", tmp_path / "nothing", "--out", tmp_path / "y")
     assert code == 2 and "nothing" in out
+
+
+def test_a_store_pass_reads_every_slice_once_mixing_many_shards(tmp_path):
+    """Each chunk holds `shards_per_chunk` shards' worth of tokens from `parts` slices of as many shards; one
+    pass reads every slice of the store exactly once (the slices left over by whole chunks aside), and a
+    chunk is the same whenever it is asked for (resuming). The shards' rows are overwritten with their
+    own (shard, row) numbers, so that each row read says where it came from."""
+    from safetensors.torch import load_file, save_file
+
+    from mechscope.activations import HarvestSettings, StoreSource, StreamSpec, harvest
+
+    folder = tmp_path / "store"
+    harvest(
+        tiny_lm(),
+        StreamSpec((SITE,), "builtin", ctx_len=32),
+        folder,
+        HarvestSettings(tokens=2800, shard_contexts=8),
+        progress=False,
+    )
+    source = StoreSource(folder, shards_per_chunk=2, parts=4)
+    n_shards, shard_tokens = len(source.shards), int(source.manifest["shard_tokens"])
+    for i, path in enumerate(source.shards):
+        acts = load_file(path)["acts"]
+        numbered = torch.arange(i * shard_tokens, (i + 1) * shard_tokens)[:, None, None].expand(acts.shape)
+        save_file({"acts": numbered.to(acts.dtype)}, path)  # float32 (the default): exact
+    chunks = dict(itertools.islice(source.chunks(), n_shards // 2))
+    assert source.chunk_tokens == 2 * shard_tokens and all(len(c) == source.chunk_tokens for c in chunks.values())
+    read = torch.cat(list(chunks.values()))[:, 0, 0].long()
+    assert len(set(read.tolist())) == len(read) == n_shards // 2 * 2 * shard_tokens  # no row twice
+    slices = read // (shard_tokens // 4)
+    assert all(torch.equal(read[slices == s], torch.sort(read[slices == s]).values) for s in slices.unique())  # whole slices
+    first = set((chunks[0][:, 0, 0].long() // shard_tokens).tolist())
+    assert len(first) > 2  # more shards than whole shards would give
+    again = dict(itertools.islice(source.chunks(start=1), 1))
+    assert torch.equal(again[1], chunks[1])

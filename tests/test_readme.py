@@ -112,13 +112,13 @@ def readme_text() -> str:
     return README.read_text()
 
 
-def blocks(language: str) -> list[str]:
-    return [text for _, text in blocks_at(language)]
+def blocks(language: str, text: str | None = None) -> list[str]:
+    return [block for _, block in blocks_at(language, text)]
 
 
-def blocks_at(language: str) -> list[tuple[int, str]]:
-    """(README line before the block's first line, its text) of each ```language block."""
-    text = readme_text()
+def blocks_at(language: str, text: str | None = None) -> list[tuple[int, str]]:
+    """(line before the block's first line, its text) of each ```language block of `text` (the README's by default)."""
+    text = readme_text() if text is None else text
     found = re.finditer(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
     return [(text[: m.start(1)].count("\n"), m[1]) for m in found]
 
@@ -409,14 +409,15 @@ PLACEHOLDER = re.compile(r"\b[A-Z]{2,}\b|\.\.\.|blocks\.L\.")
 """An optional part naming one of these is left out: FILE, DB, PATH, START:STOP, 'blocks.L.', '...'."""
 
 
-def readme_commands() -> list[list[str]]:
-    """Every `mechscope ...` line of the README's bash blocks as argv lists (SMALLER_ARGS applied), one per choice of a|b|c."""
+def readme_commands(text: str | None = None, table: dict[str, str] = SMALLER_ARGS) -> list[list[str]]:
+    """Every `mechscope ...` line of the bash blocks of `text` (the README's by default) as argv lists
+    (`table` applied), one per choice of a|b|c."""
     commands = []
-    for block in blocks("bash"):
+    for block in blocks("bash", text):
         for line in block.splitlines():
             if not line.startswith("mechscope "):
                 continue
-            line = smaller(line, SMALLER_ARGS)
+            line = smaller(line, table)
             line = re.sub(r"\[([^\]]*)\]", lambda part: "" if PLACEHOLDER.search(part[1]) else part[1], line)
             words = shlex.split(line, comments=True)[1:]
             choices = [word.split("|") if "|" in word and not word.startswith(" ") else [word] for word in words]

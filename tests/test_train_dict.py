@@ -141,3 +141,12 @@ def test_training_on_tensors_alone(tmp_path):
     log = metrics(tmp_path)
     assert d.cfg.model_fingerprint == "" and log[-1]["eval_fvu"] < 0.8 * log[0]["fvu"]
     assert all(r["seconds"] >= 0 for r in log)
+
+
+def test_jumprelu_starts_at_about_k_latents_per_token(tmp_path):
+    """JumpReLU's thresholds start where each latent fires on a share k/F of a sample, so the first steps
+    are as sparse as TopK's (the paper's θ = 0.001 fires about half the latents at first)."""
+    cfg = config(activation="jumprelu", k=6, tokens=64 * 2, sparsity=0.05)
+    train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)
+    first = metrics(tmp_path)[0]
+    assert 3 <= first["l0"] <= 12, first

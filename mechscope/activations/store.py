@@ -199,9 +199,17 @@ class _progress:
 
 
 class StoreSource:
-    """Chunks of a store for `source.batches`: `shards_per_chunk` shards at a time, in a seeded order per pass."""
+    """Chunks of a store for `source.batches`, each as many tokens as `shards_per_chunk` shards, made of
+    `parts` equal slices of as many different shards (`shards_per_chunk` x `parts` slices).
 
-    def __init__(self, folder: str | Path, shards_per_chunk: int = 4, seed: int = 0):
+    A shard holds consecutive contexts, often of one long document, so a chunk of whole shards holds a
+    few documents, and training on chunk after chunk sees the text change every few steps (the loss
+    jumps at each chunk, and latents of a document not seen for a while count as dead). Slices of many
+    shards mix the text at the cost of reading more, smaller pieces. Each pass reads every slice once,
+    in a seeded order of its own.
+    """
+
+    def __init__(self, folder: str | Path, shards_per_chunk: int = 4, seed: int = 0, parts: int = 8):
         self.folder = Path(folder)
         self.manifest = read_manifest(folder)
         if not self.manifest.get("complete"):
@@ -215,6 +223,8 @@ class StoreSource:
                 raise MechscopeError(f"the store at {str(folder)!r} is missing {meta['file']}: harvest it again")
         self.sites, self.d = list(self.manifest["sites"]), int(self.manifest["d"])
         self.shards_per_chunk = max(1, min(shards_per_chunk, len(self.shards)))
+        shard_tokens = int(self.manifest["shard_tokens"])
+        self.parts = max(p for p in range(1, max(1, parts) + 1) if shard_tokens % p == 0)  # slices of equal size
         self.seed = seed
 
     @property
@@ -225,28 +235,37 @@ class StoreSource:
     def tokens(self) -> int:
         return int(self.manifest["tokens"])
 
-    def _read(self, path: Path) -> torch.Tensor:
+    def _read(self, path: Path, part: int) -> torch.Tensor:
+        """Slice `part` of `parts` of one shard, float32 [shard_tokens / parts, n_sites, d]."""
+        rows = int(self.manifest["shard_tokens"])
+        size = rows // self.parts
         try:
             with safe_open(str(path), "pt") as f:
-                acts = f.get_tensor("acts")
+                acts = f.get_slice("acts")
+                shape = tuple(acts.get_shape())
+                if shape != (rows, len(self.sites), self.d):
+                    raise MechscopeError(
+                        f"shard {str(path)!r} has shape {list(shape)}, not what the manifest says: harvest it again"
+                    )
+                return acts[part * size : (part + 1) * size].float()
+        except MechscopeError:
+            raise
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise MechscopeError(
                 f"shard {str(path)!r} cannot be read ({str(err).splitlines()[0][:120]}): harvest it again"
             ) from None
-        if tuple(acts.shape[1:]) != (len(self.sites), self.d) or acts.shape[0] != int(self.manifest["shard_tokens"]):
-            raise MechscopeError(
-                f"shard {str(path)!r} has shape {list(acts.shape)}, not what the manifest says: harvest it again"
-            )
-        return acts.float()
 
     def chunks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
         """(chunk number, [chunk_tokens, n_sites, d] float32) from chunk `start` on, endlessly (a new seeded
-        shard order each pass)."""
+        order of the slices each pass)."""
         per_pass = len(self.shards) // self.shards_per_chunk
+        per_chunk = self.shards_per_chunk * self.parts
         number = start
         while True:
             epoch, within = divmod(number, per_pass)
-            order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            picked = order[within * self.shards_per_chunk : (within + 1) * self.shards_per_chunk]
-            yield number, torch.cat([self._read(self.shards[i]) for i in picked.tolist()])
+            order = torch.randperm(
+                len(self.shards) * self.parts, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            )
+            picked = order[within * per_chunk : (within + 1) * per_chunk].tolist()
+            yield number, torch.cat([self._read(self.shards[i // self.parts], i % self.parts) for i in picked])
             number += 1

@@ -58,7 +58,7 @@ class TrainConfig:
     activation: str = "topk"
     """relu, topk, batchtopk or jumprelu."""
     k: int = 64
-    """Active latents per token (topk, batchtopk)."""
+    """Active latents per token (topk, batchtopk); jumprelu starts its thresholds at about k per token."""
     sparsity: float | None = None
     """Penalty coefficient: relu's L1 (default 5) or jumprelu's L0 (default 1)."""
     jumprelu_penalty: str = "l0"
@@ -259,6 +259,8 @@ class Trainer:
         self.dictionary = dictionary
         _, targets = self._split(sample[: min(len(sample), 16384)])
         initialise(dictionary, targets, cfg.seed, decoder_norm=0.1 if cfg.activation == "relu" else 1.0)
+        x_read, _ = self._split(sample[: min(len(sample), 4096)])
+        dictionary.activation.start(dictionary.pre_activations(x_read), cfg.k)
         return dictionary
 
     def _finished(self) -> Dictionary | None:
