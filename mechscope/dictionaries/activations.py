@@ -21,7 +21,7 @@ decoder row norms.
   (Anthropic 2025).
 
 Defaults are the papers': ε = 0.001 and θ initialised at 0.001 (JumpReLU); c = 4 (tanh penalty). The
-trainer then moves JumpReLU's θ to where each latent fires on a share k/F of a sample (`start`).
+trainer then moves JumpReLU's θ to where each latent fires on a share k/F of a sample (`init.start_sparse`).
 """
 
 from __future__ import annotations
@@ -86,10 +86,6 @@ class Activation(nn.Module):
 
     def observe(self, active: Active) -> None:
         """Training-time statistics (BatchTopK's threshold); called on every training batch."""
-
-    def start(self, z: Tensor, l0: float) -> None:
-        """Set data-dependent parameters from the pre-activations z [n, F] of a sample of the training
-        data, for about `l0` active latents per token (JumpReLU's thresholds); called once, before training."""
 
 
 @register
@@ -235,18 +231,6 @@ class JumpReLU(Activation):
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
-
-    @torch.no_grad()
-    def start(self, z: Tensor, l0: float) -> None:
-        """θ_i at the quantile 1 - l0/F of latent i's pre-activations, so that each latent fires on a share
-        l0/F of the sample's tokens and a token on about l0 latents (at least the init threshold).
-
-        With the paper's θ = 0.001 and an encoder initialised as the decoder's transpose, about half the
-        latents fire on every token at the start, and the first steps are dense and slow.
-        """
-        below = min(max(round(len(z) * (1 - l0 / z.shape[1])), 1), len(z))  # tokens at or below θ_i
-        theta = torch.kthvalue(z.float(), below, dim=0).values
-        self.log_threshold.copy_(theta.clamp_min(self.threshold.min()).log())
 
     def select(self, z: Tensor) -> tuple[Tensor, Tensor]:
         theta = self.threshold.detach()

@@ -4,6 +4,11 @@
   √d; the scale is stored in the dictionary and folded into its weights when it is saved.
 - `b_dec` starts at the geometric median of the (normalised) targets (Gao et al. 2024), found by
   Weiszfeld's iterations; without a decoder bias subtracted from the input (transcoders) it is the mean.
+- A JumpReLU or ReLU dictionary starts sparse (`start_sparse`): each latent fires on a share k/F of a
+  sample, through JumpReLU's threshold or ReLU's b_enc, and the encoder is scaled by the one factor
+  that best reconstructs the sample. Otherwise (the papers' θ = 0.001, or b_enc = 0) about half the
+  latents fire on every token at first: the first steps are dense and slow, and an encoder that is the
+  decoder's transpose overshoots (FVU far above 1).
 - Decoder rows start as random unit vectors (or of norm 0.1 for ReLU with the L1 penalty, as that
   recipe says) and the encoder as the decoder's transpose. A dictionary that reads other sites than it
   writes (a transcoder) has no transpose to start from: its encoder columns are random, of a tenth of
@@ -11,6 +16,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -57,3 +64,30 @@ def initialise(dictionary: Dictionary, targets: Tensor, seed: int, decoder_norm:
     dictionary.b_enc.zero_()
     if dictionary.W_skip is not None:
         dictionary.W_skip.zero_()
+
+
+@torch.no_grad()
+def start_sparse(dictionary: Dictionary, x_read: Tensor, targets: Tensor, l0: float) -> float:
+    """Make latent i fire where its pre-activation is above its quantile 1 − l0/F over the normalised sample
+    x_read [n, R·d_in] (JumpReLU: θ_i there, at least its initial value; ReLU: b_enc_i lowered by it), then
+    scale the encoder (thresholds along, so the same latents fire) by the factor c minimising
+    Σ‖targets − b_dec − c (x̂ − b_dec)‖² (targets [n, W·d_out], normalised). Returns c (1 if it was not positive).
+    """
+    z = dictionary.pre_activations(x_read).float()
+    below = min(max(round(len(z) * (1 - l0 / z.shape[1])), 1), len(z))  # tokens at or below each latent's cut
+    cut = torch.kthvalue(z, below, dim=0).values
+    activation = dictionary.activation
+    if hasattr(activation, "log_threshold"):
+        activation.log_threshold.copy_(cut.clamp_min(activation.threshold.min()).log())
+    else:
+        dictionary.b_enc.sub_(cut)
+    recon = dictionary.forward_normalised(x_read).recon - dictionary.b_dec
+    centred = targets - dictionary.b_dec
+    c = float((centred * recon).sum() / (recon * recon).sum().clamp_min(1e-12))
+    if not c > 0:
+        return 1.0
+    dictionary.W_enc.mul_(c)
+    dictionary.b_enc.mul_(c)
+    if hasattr(activation, "log_threshold"):
+        activation.log_threshold.add_(math.log(c))
+    return c
