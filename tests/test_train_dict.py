@@ -8,6 +8,7 @@ the SmolLM2 quality figures are in bench/RESULTS.md.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,38 @@ def test_jumprelu_starts_at_about_k_latents_per_token(tmp_path):
     train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)
     first = metrics(tmp_path)[0]
     assert 3 <= first["l0"] <= 12, first
+
+
+def test_kinds_name_their_sites():
+    from mechscope.dictionaries.train import kind_sites
+
+    assert kind_sites("sae", [15]) == (["blocks.15.hook_resid_post"], ["blocks.15.hook_resid_post"])
+    assert kind_sites("transcoder", [15]) == (["blocks.15.ln2.hook_normalized"], ["blocks.15.hook_mlp_out"])
+    assert kind_sites("transcoder", [15], "resid_mid") == (["blocks.15.hook_resid_mid"], ["blocks.15.hook_mlp_out"])
+    read, write = kind_sites("crosscoder", [13, 14, 15])
+    assert read == write == [f"blocks.{n}.hook_resid_post" for n in (13, 14, 15)]
+    bad = [
+        (("clt", [1, 2]), "unknown dictionary kind 'clt': valid kinds are sae, transcoder, crosscoder"),
+        (("crosscoder", [3, 3, 4]), "each once, in ascending order"),
+        (("crosscoder", [5, 4]), "each once, in ascending order"),
+        (("crosscoder", [5]), "two or more layers"),
+        (("sae", [1, 2]), "kind sae takes one layer"),
+        (("transcoder", [-1]), "needs layer numbers"),
+        (("transcoder", [1], "post"), "transcoder_input='post' is invalid: give normed, resid_mid"),
+    ]
+    for args, message in bad:
+        with pytest.raises(MechscopeError, match=re.escape(message)):
+            kind_sites(*args)
+    with pytest.raises(MechscopeError, match="not both"):
+        TrainConfig(kind="sae", layers=[1], sites=["blocks.0.hook_resid_post"])
+
+
+@pytest.mark.parametrize(("kind", "layers"), [("transcoder", [1]), ("crosscoder", [0, 1])])
+def test_kinds_train_from_their_layers(tmp_path, kind, layers):
+    cfg = config(tokens=64 * 10, eval_every=5, kind=kind, layers=layers, sites=None)
+    d = train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)
+    read, write = train_module.kind_sites(kind, layers)
+    assert (d.cfg.read_sites, d.cfg.write_sites, d.cfg.kind) == (read, write, kind)
+    assert metrics(tmp_path)[-1]["eval_fvu"] < metrics(tmp_path)[0]["fvu"]
+    again = train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)  # the finished run, not trained again
+    assert again.cfg.read_sites == read

@@ -42,15 +42,52 @@ from mechscope.dictionaries.sparse import Active, gather_pre, sparse_decode
 from mechscope.errors import MechscopeError, one_of
 from mechscope.runtime import Ranks, progress
 
+KINDS = ("sae", "transcoder", "crosscoder")
+TRANSCODER_INPUTS = {"normed": "ln2.hook_normalized", "resid_mid": "hook_resid_mid"}
+DEFAULT_SITES = ["blocks.15.hook_resid_post"]
+
+
+def kind_sites(kind: str | None, layers: list[int] | None, transcoder_input: str = "normed") -> tuple[list[str], list[str]]:
+    """(read sites, write sites) of a dictionary of `kind` over `layers`:
+
+    - sae, one layer L: reads and writes `blocks.L.hook_resid_post`;
+    - transcoder, one layer L: reads the MLP's input, `blocks.L.ln2.hook_normalized` (transcoder_input
+      "normed") or `blocks.L.hook_resid_mid` ("resid_mid"), and writes its output `blocks.L.hook_mlp_out`;
+    - crosscoder, layers ascending: reads and writes `blocks.l.hook_resid_post` of each (acausal).
+
+    Raises MechscopeError (one line) for an unknown kind or input, or layers of the wrong number or order;
+    whether the model has the layers is checked when the sites are resolved on it.
+    """
+    if kind not in KINDS:
+        raise MechscopeError(f"unknown dictionary kind {kind!r}: valid kinds are {one_of(KINDS)}")
+    if not layers or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in layers):
+        raise MechscopeError(f"layers={layers!r} is invalid: kind {kind} needs layer numbers (0 or more)")
+    if kind in ("sae", "transcoder") and len(layers) != 1:
+        raise MechscopeError(f"layers={layers} is invalid: kind {kind} takes one layer")
+    if kind == "crosscoder" and (len(layers) < 2 or any(b <= a for a, b in zip(layers, layers[1:], strict=False))):
+        raise MechscopeError(f"layers={layers} is invalid: a crosscoder reads two or more layers, each once, in ascending order")
+    if kind == "transcoder":
+        if transcoder_input not in TRANSCODER_INPUTS:
+            raise MechscopeError(f"transcoder_input={transcoder_input!r} is invalid: give {one_of(TRANSCODER_INPUTS)}")
+        return [f"blocks.{layers[0]}.{TRANSCODER_INPUTS[transcoder_input]}"], [f"blocks.{layers[0]}.hook_mlp_out"]
+    sites = [f"blocks.{n}.hook_resid_post" for n in layers]
+    return sites, list(sites)
+
 
 @dataclass
 class TrainConfig:
     """How a dictionary is trained. `mechscope train-dict` has one option per field."""
 
-    sites: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    sites: list[str] = field(default_factory=lambda: list(DEFAULT_SITES))
     """Sites the dictionary reads."""
     write_sites: list[str] | None = None
     """Sites it writes; None: the sites it reads (an SAE, or a crosscoder over several)."""
+    kind: str | None = None
+    """sae, transcoder or crosscoder over `layers`, instead of sites: sets sites and write_sites (`kind_sites`)."""
+    layers: list[int] | None = None
+    """The layers of `kind`: one for sae and transcoder, two or more ascending for crosscoder."""
+    transcoder_input: str = "normed"
+    """What a transcoder reads: normed (the MLP's input, blocks.L.ln2.hook_normalized) or resid_mid."""
     expansion: int = 16
     """Latents per input dimension (d_sae = expansion x d_in), unless d_sae is given."""
     d_sae: int | None = None
@@ -110,6 +147,12 @@ class TrainConfig:
     """Seconds between checkpoints."""
 
     def __post_init__(self):
+        if self.kind is not None or self.layers is not None:
+            if self.sites not in (None, DEFAULT_SITES) or self.write_sites is not None:
+                raise MechscopeError("give either sites (and write_sites) or kind and layers, not both")
+            self.sites, self.write_sites = kind_sites(self.kind, self.layers, self.transcoder_input)
+        elif not self.sites:
+            raise MechscopeError("give the sites to read, or a kind and its layers")
         if self.activation not in ACTIVATIONS:
             raise MechscopeError(f"unknown activation {self.activation!r}: valid activations are {one_of(ACTIVATIONS)}")
         for name in ("expansion", "k", "tokens", "batch_size", "eval_every", "eval_tokens", "dead_tokens", "ctx_len"):
@@ -284,6 +327,8 @@ class Trainer:
         def kept(config: dict) -> dict:
             return {k: v for k, v in config.items() if k not in ignored}
 
+        if saved is not None:  # a field added since that run was saved counts at its default
+            saved = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **saved}
         if saved is None or kept(saved) != kept(want):
             raise MechscopeError(
                 f"{str(self.out)!r} holds a finished run with other settings: "
