@@ -112,25 +112,33 @@ def eval_dict(
     ablation: Annotated[str, typer.Option(help="What CE-loss recovered compares with: zero or mean ablation.")] = "zero",
     ctx_len: Annotated[int, typer.Option(help="Tokens per context, the start token included.")] = 128,
     png: Annotated[Path | None, typer.Option(help="Write the feature-density histogram here (a .png file).")] = None,
+    profile_png: Annotated[
+        Path | None, typer.Option(help="A dictionary writing several sites: plot where its features write (a .png file).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     model: ModelOpt = "default",
 ):
     """FVU, L0, dead and dense fractions, CE-loss recovered, delta CE and KL of a dictionary on held-out text."""
     from mechscope.dictionaries.evaluate import ABLATIONS, evaluate_dictionary
-    from mechscope.viz.dict_plots import density_histogram_png
+    from mechscope.viz.dict_plots import decoder_profile_png, density_histogram_png
 
     check_range("--tokens", tokens, 1, 10_000_000)
     if ablation not in ABLATIONS:
         raise MechscopeError(f"--ablation {ablation!r} is not valid: give zero or mean")
     check_range("--ctx-len", ctx_len, 8, 8192)
     png = check_output("--png", png, ".png")
+    profile_png = check_output("--profile-png", profile_png, ".png")
     m = _load(model)
     check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
     d = _dictionary(folder, m)
+    if profile_png and d.n_write < 2:
+        raise MechscopeError(f"--profile-png needs a dictionary that writes several sites; {folder!r} writes one")
     check_range("--ctx-len", ctx_len, d.cfg.skip_positions + 2, m.n_ctx, f" (the first {d.cfg.skip_positions} are skipped)")
     result = evaluate_dictionary(m, d, corpus, tokens=tokens, ctx_len=ctx_len, ablation=ablation, show_progress=not as_json)
     if png:
         density_histogram_png(result.density, png, title=str(folder))
+    if profile_png:
+        decoder_profile_png(d.decoder_profile(), d.cfg.write_sites, profile_png, title=f"{folder}: where its features write")
     if as_json:
         print(json.dumps(result.summary(), indent=1))
         return
@@ -143,6 +151,8 @@ def eval_dict(
     console.print(f"the first {result.skip} positions of each context are left out of every figure")
     if png:
         console.print(f"density histogram: {shown(png.resolve())}")
+    if profile_png:
+        console.print(f"decoder profiles: {shown(profile_png.resolve())}")
 
 
 def find_feature(

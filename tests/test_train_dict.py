@@ -187,3 +187,27 @@ def test_kinds_train_from_their_layers(tmp_path, kind, layers):
     assert metrics(tmp_path)[-1]["eval_fvu"] < metrics(tmp_path)[0]["fvu"]
     again = train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)  # the finished run, not trained again
     assert again.cfg.read_sites == read
+
+
+def test_a_crosscoders_decoder_profile_shows_where_its_features_write(tmp_path):
+    """The profile is each latent's decoder norm per written site, raw units; `sites_carrying` counts the fewest
+    sites holding 80 % of its squared norm; eval-dict's figure and plot and the feature page show them."""
+    from mechscope.dictionaries.evaluate import evaluate_dictionary, sites_carrying
+    from mechscope.index.feature_card import feature_card
+    from mechscope.viz.dict_plots import decoder_profile_png
+
+    profile = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.1], [1.0, 1.0, 1.0], [0.2, 0.0, 3.0]])
+    assert sites_carrying(profile).tolist() == [1, 2, 3, 1]
+    d = train_dictionary(
+        tiny_lm(), config(tokens=64 * 4, kind="crosscoder", layers=[0, 1], sites=None), tmp_path, show_progress=False
+    )
+    folded = d.folded()
+    raw = folded.W_dec.detach().view(d.d_sae, 2, -1).norm(dim=-1)
+    torch.testing.assert_close(d.decoder_profile(), raw)  # the same in training units and once folded
+    torch.testing.assert_close(folded.decoder_profile(), raw)
+    result = evaluate_dictionary(tiny_lm(), d, "builtin", tokens=64, ctx_len=32)
+    assert sum(result.sites_carrying) == d.d_sae and len(result.sites_carrying) == 2
+    decoder_profile_png(d.decoder_profile(), d.cfg.write_sites, tmp_path / "profile.png")
+    assert (tmp_path / "profile.png").stat().st_size > 10_000
+    card = feature_card(tiny_lm(), d, 3)
+    assert [site for site, _ in card.profile] == d.cfg.write_sites and card.profile[0][1] == pytest.approx(float(raw[3, 0]))

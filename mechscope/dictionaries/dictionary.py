@@ -162,6 +162,12 @@ class Dictionary(nn.Module):
     def n_write(self) -> int:
         return len(self.cfg.write_sites)
 
+    def decoder_profile(self) -> Tensor:
+        """[F, W] each latent's decoder norm at each site it writes, in raw activation units (the output
+        scales divided out): where across the sites (layers, for a crosscoder) a feature writes."""
+        with torch.no_grad():
+            return (self.W_dec / self.output_scale).view(self.d_sae, self.n_write, self.cfg.d_out).norm(dim=-1)
+
     def decoder_norms(self) -> Tensor:
         """[F] each latent's decoder norm, over every site it writes."""
         return self.W_dec.norm(dim=-1)

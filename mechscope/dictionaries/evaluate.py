@@ -13,6 +13,9 @@ attention sinks with outlier norms, are left out of every figure and kept clean 
   those sites zero-ablated (or mean-ablated: the site's mean over the evaluated tokens of each batch).
   delta CE = CE_spliced − CE_clean; CE-loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean).
 - KL = KL(p_clean ‖ p_spliced) of the next-token distributions, per token, averaged.
+- sites carrying a latent (several written sites only): the fewest of its written sites whose squared
+  decoder norms hold 80 % of its total, counted over latents: 1 for a feature of one layer, up to W for
+  one spread over every layer (cross-layer superposition, Lindsey et al. 2024). From the weights alone.
 
 The reconstruction is computed from the clean forward pass's reads, then written in a second pass,
 so dictionaries that read several layers (crosscoders) are spliced in as they were trained.
@@ -54,10 +57,25 @@ class EvalResult:
     """The first positions of each context, left out of every figure."""
     density: list[float]
     """Each latent's firing fraction."""
+    sites_carrying: list[int] | None = None
+    """For a dictionary that writes several sites: how many latents need 1, 2, ..., W of their written sites
+    to hold PROFILE_SHARE of their squared decoder norm (`sites_carrying`); None for one written site."""
 
     def summary(self) -> dict:
         """Every figure but the per-latent densities."""
         return {k: v for k, v in asdict(self).items() if k != "density"}
+
+
+PROFILE_SHARE = 0.8
+
+
+def sites_carrying(profile: Tensor, share: float = PROFILE_SHARE) -> Tensor:
+    """[F] int64: for each latent of a decoder profile [F, W] (`Dictionary.decoder_profile`), the fewest
+    written sites whose squared decoder norms hold `share` of its total. 1 is a feature of one layer;
+    W is one spread over all of them (cross-layer superposition, Lindsey et al. 2024)."""
+    energy = profile.double().pow(2).sort(dim=-1, descending=True).values
+    held = energy.cumsum(-1) / energy.sum(-1, keepdim=True).clamp_min(1e-30)
+    return (held < share - 1e-12).sum(-1) + 1
 
 
 def _ce_and_kl(logits: Tensor, clean_logp: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,13 +152,17 @@ def evaluate_dictionary(
     density = (fired / N).tolist()
     ce = {k: totals[k] / totals["ce_n"] for k in ("ce_clean", "ce_spliced", "ce_ablated", "kl")}
     gap = ce["ce_ablated"] - ce["ce_clean"]
+    carrying = None
+    if dictionary.n_write > 1:
+        counts = torch.bincount(sites_carrying(dictionary.decoder_profile()), minlength=dictionary.n_write + 1)
+        carrying = counts[1:].tolist()
     return EvalResult(
         tokens=int(N), fvu=float(sums["err"].sum() / variance.sum()), fvu_per_site=per_site, l0=totals["l0"] / N,
         dead_fraction=float((fired == 0).double().mean()), dense_1pct=float((fired / N > 0.01).double().mean()),
         dense_10pct=float((fired / N > 0.1).double().mean()), ce_clean=ce["ce_clean"], ce_spliced=ce["ce_spliced"],
         ce_ablated=ce["ce_ablated"], ablation=ablation,
         ce_recovered=(ce["ce_ablated"] - ce["ce_spliced"]) / gap if gap else float("nan"),
-        delta_ce=ce["ce_spliced"] - ce["ce_clean"], kl=ce["kl"], skip=skip, density=density,
+        delta_ce=ce["ce_spliced"] - ce["ce_clean"], kl=ce["kl"], skip=skip, density=density, sites_carrying=carrying,
     )  # fmt: skip
 
 

@@ -60,6 +60,8 @@ class FeatureCard(NamedTuple):
     """The index's card on the feature (None without an index holding it), output tokens as above."""
     note: str | None
     """Why `unit` is None."""
+    profile: list[tuple[str, float]] = []
+    """(written site, decoder norm there in raw units) for a dictionary writing several sites; [] for one."""
 
 
 def decoder_direction(dictionary: Dictionary, feature: int) -> Tensor:
@@ -134,4 +136,6 @@ def feature_card(
             "need `mechscope index build --dict DIR`"
         )
     unit_name = f"{site or site_name(name)}:{feature}"
-    return FeatureCard(unit_name, feature, via, promoted, suppressed, nearest, unit, note)
+    norms = dictionary.decoder_profile()[feature].tolist() if dictionary.n_write > 1 else []
+    profile = list(zip(dictionary.cfg.write_sites, norms, strict=False))
+    return FeatureCard(unit_name, feature, via, promoted, suppressed, nearest, unit, note, profile)

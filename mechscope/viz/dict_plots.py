@@ -1,4 +1,5 @@
-"""Plots of dictionaries: training curves from the metrics log, and the feature-density histogram."""
+"""Plots of dictionaries: training curves from the metrics log, the feature-density histogram, and where
+across its written sites a dictionary's features write (decoder-norm profiles)."""
 
 from __future__ import annotations
 
@@ -58,5 +59,49 @@ def density_histogram_png(density: list[float], out: str | Path, title: str = "f
     ax.set_xlabel("log10(fraction of tokens a latent fires on)")
     ax.set_ylabel("latents")
     ax.set_title(f"{title.replace('$', chr(92) + '$')} · {len(density):,} latents, {dead:,} never fired", fontsize=10)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def decoder_profile_png(profile, sites: list[str], out: str | Path, title: str = "decoder profile", share: float = 0.8) -> None:
+    """Two panels for a dictionary writing W sites, from its decoder profile [F, W] (`Dictionary.decoder_profile`):
+    how many latents need 1..W sites to hold `share` of their squared decoder norm, and the median (with
+    the 10th-90th percentile band) of each site's norm relative to the latent's largest, latents grouped by
+    the site they write most."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from mechscope.dictionaries.evaluate import sites_carrying
+
+    profile = torch.as_tensor(profile).float()
+    F, W = profile.shape
+    counts = torch.bincount(sites_carrying(profile, share), minlength=W + 1)[1:]
+    relative = profile / profile.max(dim=1, keepdim=True).values.clamp_min(1e-30)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    left.bar(range(1, W + 1), counts.tolist(), color="#4c72b0")
+    left.set_xticks(range(1, W + 1))
+    left.set_xlabel(f"sites holding {share:.0%} of a latent's squared decoder norm")
+    left.set_ylabel("latents")
+    left.set_title(f"{F:,} latents", fontsize=10)
+    labels = [s.replace("blocks.", "").replace(".hook_", " ") for s in sites]
+    peak = profile.argmax(dim=1)
+    colours = plt.get_cmap("viridis")
+    for w in range(W):
+        group = relative[peak == w]
+        if len(group) == 0:
+            continue
+        low, mid, high = (group.quantile(q, dim=0) for q in (0.1, 0.5, 0.9))
+        colour = colours(w / max(1, W - 1))
+        right.plot(range(W), mid.tolist(), "o-", color=colour, label=f"{labels[w]} ({len(group):,})")
+        right.fill_between(range(W), low.tolist(), high.tolist(), color=colour, alpha=0.15)
+    right.set_xticks(range(W), labels, rotation=30, ha="right", fontsize=8)
+    right.set_ylabel("decoder norm / the latent's largest")
+    right.set_ylim(0, 1.05)
+    right.set_title("latents grouped by the site they write most: median, 10-90 %", fontsize=10)
+    right.legend(fontsize=7, title="peak site (latents)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(title.replace("$", chr(92) + "$"), fontsize=10)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -175,7 +175,22 @@ def feature_tables(card: FeatureCard) -> list[Table]:
     near.add_column("cosine", justify="right")
     for n in card.nearest:
         near.add_row(str(n.feature), f"{n.cosine:+.3f}")
-    return [*tables, near]
+    return [*tables, *([_profile_table(card)] if card.profile else []), near]
+
+
+def _profile_rows(card: FeatureCard) -> list[list[str]]:
+    """(site, decoder norm, a bar of it relative to the largest) for each site the feature writes."""
+    top = max(norm for _, norm in card.profile) or 1.0
+    return [[site, f"{norm:.3f}", "█" * round(20 * norm / top)] for site, norm in card.profile]
+
+
+def _profile_table(card: FeatureCard) -> Table:
+    table = Table(title="decoder norm at each written site", title_justify="left")
+    for column, justify in (("site", "left"), ("norm", "right"), ("", "left")):
+        table.add_column(column, justify=justify)
+    for row in _profile_rows(card):
+        table.add_row(*(Text(cell) for cell in row))
+    return table
 
 
 def _token_label(token: str | None, token_id: int) -> str:
@@ -369,6 +384,8 @@ def feature_page(path: str | Path, card: FeatureCard, examples: Sequence[Example
             sections.append(_output_section(card.promoted, card.suppressed, card.logits_via))
     if card.promoted is None:
         sections.append(("Output tokens", f"<p>{html.escape(card.logits_via)}</p>"))
+    if card.profile:
+        sections.append(("Decoder norm at each written site", table_html(["site", "norm", ""], _profile_rows(card))))
     near = [[n.feature, f"{n.cosine:+.3f}"] for n in card.nearest]
     sections.append(("Nearest features (cosine of decoder directions)", table_html(["feature", "cosine"], near)))
     return write_report(path, f"Feature {card.name}", sections)
