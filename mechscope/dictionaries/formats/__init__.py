@@ -7,6 +7,9 @@
 | mechscope (`own.py`) | `cfg.json` + `dictionary.safetensors` |
 | SAELens (`saelens.py`) | `cfg.json` + `sae_weights.safetensors` |
 | sparsify (`sparsify.py`) | `cfg.json` + `sae.safetensors`, or a folder of such folders, one per hookpoint |
+
+circuit-tracer's per-layer transcoder sets (`config.yaml` + `layer_{i}.safetensors`) hold one
+dictionary per layer: `circuit_tracer.import_transcoder_set` and `export_transcoder_set` read and write them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from mechscope.dictionaries.dictionary import Dictionary
 from mechscope.dictionaries.formats import own, saelens, sparsify
+from mechscope.dictionaries.formats.circuit_tracer import export_transcoder_set, import_transcoder_set
 from mechscope.dictionaries.formats.files import read_json
 from mechscope.dictionaries.formats.own import check_model, load_dictionary, save_dictionary
 from mechscope.dictionaries.formats.saelens import export_saelens, import_saelens
@@ -52,4 +56,13 @@ def load_any(path: str | Path, model=None, site: str | None = None) -> Dictionar
     return dictionary
 
 
-__all__ = ["export_saelens", "import_saelens", "import_sparsify", "load_any", "load_dictionary", "save_dictionary"]
+__all__ = [
+    "export_saelens",
+    "export_transcoder_set",
+    "import_saelens",
+    "import_sparsify",
+    "import_transcoder_set",
+    "load_any",
+    "load_dictionary",
+    "save_dictionary",
+]
