@@ -294,7 +294,7 @@ def feature(
         title = f"{card.name}: activation histogram"
         console.print(f"PNG: {views.histogram_png(card.unit.histogram, png, title).resolve()}")
     elif png:
-        console.print(f"no PNG written to {shown(png)}: the histogram needs an index built with --dict")
+        raise MechscopeError(f"no PNG written to {str(png)!r}: the histogram needs an index built with --dict")
 
 
 def convert_dict(
@@ -306,6 +306,7 @@ def convert_dict(
 ):
     """Convert a dictionary between formats (or to 16-bit weights); the feature activations stay the same."""
     from mechscope.dictionaries.formats import export_saelens, load_any, save_dictionary
+    from mechscope.dictionaries.formats.own import read_config
 
     if to not in ("mechscope", "saelens"):
         raise MechscopeError(f"--to {to!r} is not a format: valid values are mechscope, saelens")
@@ -317,7 +318,11 @@ def convert_dict(
         raise MechscopeError(f"--out {shown(out)} is the folder being converted: give another folder")
     check_folder("--out", out)
     dictionary = load_any(folder, site=site)
-    written = export_saelens(dictionary, out) if to == "saelens" else save_dictionary(dictionary, out, dtype=dtype)
+    if to == "saelens":
+        written = export_saelens(dictionary, out)
+    else:  # the training settings and final figures travel along
+        training = read_config(folder).get("training") if (Path(folder) / "dictionary.safetensors").is_file() else None
+        written = save_dictionary(dictionary, out, extra=training, dtype=dtype)
     console.print(f"{to} dictionary ({dictionary.cfg.d_in} -> {dictionary.d_sae} latents, {dtype}): {shown(written)}")
 
 

@@ -79,12 +79,17 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
 
 def _umask_modes(folder: Path) -> None:
-    """Give the files written in `folder` the usual mode (0o666 less the umask): some writers create them 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give the files written in `folder` the usual mode (`usual_mode`)."""
     for file in folder.rglob("*"):
         if file.is_file():
-            file.chmod(0o666 & ~umask)
+            usual_mode(file)
+
+
+def usual_mode(file: Path) -> None:
+    """Give `file` the usual mode, 0o666 less the umask: some writers (safetensors) create files 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def progress(title: str, fields: str = "", show: bool = True) -> Progress:

@@ -239,11 +239,13 @@ def test_convert_dict_keeps_the_feature_activations(tmp_path, run):
     with torch.no_grad():
         for p in d.parameters():
             p.copy_(torch.randn_like(p, generator=None) * 0.3)
-    save_dictionary(d, tmp_path / "own")
+    save_dictionary(d, tmp_path / "own", extra={"final": {"fvu": 0.1}})
     x = torch.randn(32, 16) * 3
     want = load_any(tmp_path / "own").encode_dense(x[:, None])
     code, out = run("convert-dict", tmp_path / "own", "--out", tmp_path / "half", "--dtype", "float16")
     assert code == 0, out
+    half_cfg = json.loads((tmp_path / "half" / "cfg.json").read_text())
+    assert half_cfg["dtype"] == "float16" and half_cfg["training"] == {"final": {"fvu": 0.1}}  # says what it holds, and whence
     half_bytes = (tmp_path / "half" / "dictionary.safetensors").stat().st_size
     assert half_bytes < 0.6 * (tmp_path / "own" / "dictionary.safetensors").stat().st_size
     assert (load_any(tmp_path / "half").encode_dense(x[:, None]) - want).abs().max() < 2e-2 * want.abs().max()

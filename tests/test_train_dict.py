@@ -211,3 +211,19 @@ def test_a_crosscoders_decoder_profile_shows_where_its_features_write(tmp_path):
     assert (tmp_path / "profile.png").stat().st_size > 10_000
     card = feature_card(tiny_lm(), d, 3)
     assert [site for site, _ in card.profile] == d.cfg.write_sites and card.profile[0][1] == pytest.approx(float(raw[3, 0]))
+
+
+def test_k_above_the_latents_is_refused_before_any_forward_pass(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model ran before the settings were checked")
+
+    monkeypatch.setattr(train_module.ModelSource, "chunks", never)
+    monkeypatch.setattr(train_module.ModelSource, "contexts", never)
+    with pytest.raises(MechscopeError, match=re.escape("k=300 is invalid for 128 latents: k must be 1..128")):
+        train_dictionary(tiny_lm(), config(k=300), tmp_path, show_progress=False)
+
+
+def test_a_short_run_from_the_model_reads_no_more_contexts_than_it_needs(tmp_path):
+    """A chunk holds at most the contexts the run reads (here 3 of 28 scored tokens for 64 tokens), not chunk_contexts."""
+    trainer = train_module.Trainer(tiny_lm(), config(tokens=64, chunk_contexts=1024), tmp_path)
+    assert trainer.source.spec.chunk_contexts == 3

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from mechscope.activations.source import ModelSource, StreamSpec, read_contexts
 from mechscope.data import corpus, held_out
 from mechscope.errors import MechscopeError, one_of
+from mechscope.runtime import usual_mode
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -173,6 +174,7 @@ def _write_shard(model, source: ModelSource, out: Path, manifest: dict, number: 
     path = out / _shard_name(number)
     tmp = out / f".{path.name}.tmp-{os.getpid()}"
     save_file({"acts": acts.to(dtype).contiguous(), "tokens": tokens.contiguous()}, str(tmp))
+    usual_mode(tmp)
     os.replace(tmp, path)
     previous = manifest["shards"][-1]["chain"] if manifest["shards"] else ""
     chain = hashlib.sha256(previous.encode() + tokens.numpy().tobytes()).hexdigest()[:16]

@@ -71,6 +71,7 @@ class DictConfig:
     skip_positions: int = 0
     """The first positions of each context left out of training and evaluation."""
     dtype: str = "float32"
+    """The weights' precision on disk (float32, bfloat16 or float16); loaded weights are float32."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

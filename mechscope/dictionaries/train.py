@@ -110,7 +110,7 @@ class TrainConfig:
     """Tokens per step (the global batch, over every process)."""
     lr: float | None = None
     """Adam learning rate; None: `default_lr`, c / sqrt(d_sae / 2^14) (Gao et al. 2024's scaling with width),
-    c = 4e-3 for topk and batchtopk (a sweep on SmolLM2 here), 2e-4 for relu and jumprelu (Gao et al.)."""
+    c = 4e-3 for topk and batchtopk (a sweep on SmolLM2 here), 2e-3 for relu and jumprelu (pilots here)."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up."""
     decay_fraction: float = 0.2
@@ -138,7 +138,7 @@ class TrainConfig:
     skip: int = SKIP_POSITIONS
     """The first positions of each context left out (attention sinks)."""
     chunk_contexts: int = 1024
-    """Contexts per chunk: the shuffle buffer holds one chunk."""
+    """Contexts per chunk: the shuffle buffer holds one chunk (from the model: at most the contexts the run reads)."""
     eval_every: int = 100
     """Steps between evaluations on the held-out batch."""
     eval_tokens: int = 8192
@@ -257,6 +257,9 @@ class Trainer:
         self.write = [name(s) for s in (cfg.write_sites or cfg.sites)]
         self.all_sites = list(dict.fromkeys(self.read + self.write))
         self.d = site_width(model, self.all_sites) if model is not None else source.d
+        latents = cfg.d_sae or cfg.expansion * self.d
+        if cfg.activation in ("topk", "batchtopk") and not 1 <= cfg.k <= latents:  # before any forward pass
+            raise MechscopeError(f"k={cfg.k} is invalid for {latents} latents: k must be 1..{latents}")
         self.source, self.eval_source = self._sources(source, eval_source)
 
     def _sources(self, given=None, given_eval=None):
@@ -267,8 +270,10 @@ class Trainer:
                 raise MechscopeError(f"the activation source holds sites {list(src.sites)}, not {self.all_sites}")
         if self.model is None:
             return given, given_eval
+        per_context = cfg.ctx_len - cfg.skip
+        needed = max(-(-cfg.tokens // per_context), -(-cfg.batch_size // per_context))  # a short run reads no more
         spec = StreamSpec(tuple(self.all_sites), cfg.corpus, ctx_len=cfg.ctx_len, skip=cfg.skip, seed=cfg.seed,
-                          chunk_contexts=cfg.chunk_contexts)  # fmt: skip
+                          chunk_contexts=min(cfg.chunk_contexts, needed))  # fmt: skip
         train_text, eval_text = held_out(corpus(cfg.corpus))
         eval_spec = dataclasses.replace(spec, chunk_contexts=-(-cfg.eval_tokens // spec.tokens_per_context))
         eval_source = given_eval or ModelSource(self.model, eval_spec, eval_text)

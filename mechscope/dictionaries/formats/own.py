@@ -39,7 +39,7 @@ def save_dictionary(dictionary: Dictionary, folder: str | Path, extra: dict | No
             for k, v in folded.state_dict().items()
         }
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "mechscope-dictionary"})
-        cfg = folded.cfg.to_dict()
+        cfg = {**folded.cfg.to_dict(), "dtype": dtype}
         if extra:
             cfg["training"] = extra
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
