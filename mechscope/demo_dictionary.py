@@ -28,6 +28,7 @@ from mechscope.dictionaries.steer import FeatureSteer
 from mechscope.index import store
 from mechscope.index.build import IndexSettings, build_index, default_index_path
 from mechscope.index.feature_card import feature_card
+from mechscope.index.features import indexed_features
 from mechscope.index.query import Index
 from mechscope.viz import index_views, table_html
 from mechscope.viz.shown import plain, token_label
@@ -68,12 +69,13 @@ def plain_table(title: str, header: list[str], rows: list[tuple]) -> Table:
 
 
 def feature_index(model, sae, console: Console) -> Path:
-    """An index of every feature of the demo's SAE over the built-in corpus: used when complete, else built."""
+    """An index of every feature of the demo's SAE over the built-in corpus: used when complete and of this SAE,
+    else built anew."""
     path = default_index_path(model.name).with_name(f"{model.name}-{SAE_NAME}.duckdb")
     if path.exists():
         with closing(store.open_index(path)) as con:
             meta = store.read_meta(con)
-        if meta.get("complete") and store.stored_format(path) == store.FORMAT:
+        if meta.get("complete") and store.stored_format(path) == store.FORMAT and indexed_features(meta, sae):
             return path
         path.unlink()
     console.print(plain(f"no index of the demo SAE's features yet: building one ({INDEX_TOKENS:,} tokens) at {path}"))

@@ -62,9 +62,11 @@ def default_name(folder: str | Path) -> str:
 
 def dictionary_digest(dictionary: Dictionary) -> str:
     """A short sha256 of the dictionary's config and weights, its normalisation folded in (`Dictionary.folded`, as
-    saved): equal for the same dictionary in memory, in any folder, or in any format holding the same numbers."""
+    saved): equal for the same dictionary in memory, in any folder, or in any format holding the same numbers.
+    The precision the weights were stored in (`DictConfig.dtype`) is left out: loaded weights are float32."""
     folded = dictionary.folded()
-    digest = hashlib.sha256(repr(sorted(folded.cfg.to_dict().items(), key=lambda kv: kv[0])).encode())
+    config = {**folded.cfg.to_dict(), "dtype": "float32"}
+    digest = hashlib.sha256(repr(sorted(config.items(), key=lambda kv: kv[0])).encode())
     for name, value in sorted(folded.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
