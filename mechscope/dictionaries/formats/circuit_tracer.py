@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mechscope.dictionaries.dictionary import DictConfig, Dictionary
@@ -34,10 +35,6 @@ from mechscope.runtime import atomic_folder
 CONFIG = "config.yaml"
 THRESHOLD = "activation_function.threshold"
 _SITE = re.compile(r"blocks\.(\d+)\.(.+)")
-
-
-def is_circuit_tracer_folder(folder: Path) -> bool:
-    return (folder / CONFIG).is_file() and (folder / "layer_0.safetensors").is_file()
 
 
 def _layer_and_hook(site: str) -> tuple[int, str]:
@@ -126,8 +123,6 @@ def import_transcoder_set(folder: str | Path) -> list[Dictionary]:
 
 
 def _read_layer(file: Path, layer: int, hook_in: str, hook_out: str, config: dict) -> Dictionary:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), "pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (no __iter__)
