@@ -298,3 +298,27 @@ def test_a_store_pass_reads_every_slice_once_mixing_many_shards(tmp_path):
     assert len(first) > 2  # more shards than whole shards would give
     again = dict(itertools.islice(source.chunks(start=1), 1))
     assert torch.equal(again[1], chunks[1])
+
+
+def test_steering_a_clt_feature_writes_its_layer_and_the_later_ones(tmp_path):
+    """A CLT feature of layer 1 (of 0..2) is added at layers 1 and 2's MLP outputs and nowhere else; clamping
+    it reads layer 1's resid_mid first. Both checked against hand-written forwards."""
+    m = tiny_lm()
+    d = train_dictionary(m, config(tokens=64 * 4, kind="clt", layers=[0, 1, 2], sites=None, k=2), tmp_path, show_progress=False)
+    block = d.d_sae // 3
+    feature = block + 5
+    direction = (d.W_dec[feature] / d.output_scale).detach().view(3, -1)
+    assert float(direction[0].abs().max()) == 0
+    adds = {f"blocks.{w}.hook_mlp_out": (lambda v, w=w: v + 4.0 * direction[w]) for w in (1, 2)}
+    added = m.run(TEXT, write=adds).logits[0, -1].log_softmax(-1)
+    r = intervene(m, TEXT, FeatureSteer.add(d, feature, 4.0), k=5)
+    assert r.after.top[0].logprob == pytest.approx(float(added[r.after.top[0].id]), abs=1e-5)
+
+    mid = m.run(TEXT, read=["blocks.1.hook_resid_mid"]).cache["blocks.1.hook_resid_mid"][0]
+    x = torch.zeros(mid.shape[0], 3, mid.shape[1])
+    x[:, 1] = mid
+    f = d.encode_dense(x)[:, feature]
+    clamps = {f"blocks.{w}.hook_mlp_out": (lambda v, w=w: v + (2.0 - f[None, :, None]) * direction[w]) for w in (1, 2)}
+    clamped = m.run(TEXT, write=clamps).logits[0, -1].log_softmax(-1)
+    r = intervene(m, TEXT, FeatureSteer.clamp(d, feature, 2.0), k=5)
+    assert r.after.top[0].logprob == pytest.approx(float(clamped[r.after.top[0].id]), abs=1e-5)

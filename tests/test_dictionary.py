@@ -129,3 +129,94 @@ def test_bad_configs_get_one_line():
     with pytest.raises(MechscopeError, match="matryoshka prefixes"):
         DictConfig(["s"], ["s"], 16, 16, 64, matryoshka=[8, 4, 64])
     assert set(ACTIVATIONS) == {"relu", "topk", "batchtopk", "jumprelu"}
+
+
+def make_clt(activation: str, layers: int = 3, seed: int = 0) -> Dictionary:
+    """A cross-layer transcoder over `layers` layers, 16 latents per layer, random weights (decoder masked)."""
+    options = {"topk": {"k": 4}, "relu": {}, "jumprelu": {"bandwidth": 0.5}}[activation]
+    cfg = DictConfig([f"blocks.{i}.hook_resid_mid" for i in range(layers)], [f"blocks.{i}.hook_mlp_out" for i in range(layers)],
+                     16, 16, 16 * layers, activation, options, layered=True,
+                     input_scale=[0.5 + i for i in range(layers)], output_scale=[2.0 - 0.5 * i for i in range(layers)])  # fmt: skip
+    d = make_from(cfg, seed)
+    d.mask_decoder_(d.W_dec.data)
+    return d
+
+
+def make_from(cfg: DictConfig, seed: int) -> Dictionary:
+    d = Dictionary(cfg).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return d
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_a_clt_equals_its_dense_block_formula_and_is_causal(activation):
+    """Block r reads site r only and writes sites r.. only: checked against a dense block-diagonal encoder
+    and a lower-triangular decoder, values and gradients; the output at site w ignores inputs after w."""
+    R, d = 3, make_clt(activation)
+    assert d.cfg.kind == "clt" and d.W_enc.shape == (16, 48)
+    x = torch.randn(32, R * 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(32, R * 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = d.forward_normalised(x)
+    if activation == "topk":  # k of each layer's block, per token
+        per_block = torch.zeros(32, R, dtype=torch.long).index_put_((out.active.rows, out.active.cols // 16), torch.tensor(1), accumulate=True)
+        assert bool((per_block == 4).all())
+    p = {n: v.detach().clone().requires_grad_(True) for n, v in d.named_parameters()}
+    W_big = torch.cat([torch.cat([p["W_enc"][:, r * 16 : (r + 1) * 16] if q == r else torch.zeros(16, 16, dtype=torch.float64)
+                                  for r in range(R)], 1) for q in range(R)], 0)  # fmt: skip
+    z = x @ W_big + p["b_enc"]
+    mask = torch.zeros(32, 48, dtype=torch.float64)
+    mask[out.active.rows, out.active.cols] = 1
+    f = {"topk": torch.relu(z) * mask, "relu": torch.relu(z)}.get(activation)
+    if f is None:
+        f = z * (z > p["activation.log_threshold"].exp())
+    recon = f @ p["W_dec"] + p["b_dec"]
+    torch.testing.assert_close(out.recon, recon, rtol=1e-12, atol=1e-12)
+    ((out.recon - target) ** 2).sum().backward()
+    ((recon - target) ** 2).sum().backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        ours = getattr(d, name).grad
+        theirs = p[name].grad
+        if name == "W_dec":
+            ours, theirs = d.mask_decoder_(ours.clone()), d.mask_decoder_(theirs.clone())
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=name)
+    later = x.clone()
+    later[:, 32:] += 3.0  # only the last layer's input changes
+    moved = d.forward_normalised(later).recon
+    torch.testing.assert_close(moved[:, :32], out.recon[:, :32], rtol=0, atol=0)
+    assert not torch.allclose(moved[:, 32:], out.recon[:, 32:])
+    profile = d.decoder_profile()
+    assert bool((profile[16:32, 0] == 0).all()) and bool((profile[32:, :2] == 0).all()) and d.written_sites(40) == [2]
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_folding_a_clt_keeps_every_activation_and_its_files_round_trip(activation, tmp_path):
+    d = make_clt(activation).eval()
+    x = torch.randn(20, 3, 16, dtype=torch.float64)
+    folded = d.folded()
+    torch.testing.assert_close(folded.encode_dense(x), d.encode_dense(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(folded.forward(x).recon, d.forward(x).recon, rtol=1e-12, atol=1e-12)
+    save_dictionary(d.float(), tmp_path / "clt")
+    back = load_dictionary(tmp_path / "clt")
+    assert back.cfg.layered and back.cfg.kind == "clt"
+    torch.testing.assert_close(back.encode_dense(x.float()), d.encode_dense(x.float()))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"write_sites": ["blocks.0.hook_mlp_out"]}, "it got 3 read and 1 write sites"),
+        ({"d_sae": 50}, "d_sae=50 does not split into 3 equal blocks"),
+        ({"skip_connection": True}, "cannot have a skip connection"),
+        ({"activation": "batchtopk"}, "cannot have batchtopk"),
+        ({"activation_options": {"k": 17}}, "k=17 is invalid for 16 latents per layer"),
+    ],
+)
+def test_bad_clt_configs_get_one_line(overrides, message):
+    sites = dict(read_sites=[f"blocks.{i}.hook_resid_mid" for i in range(3)], write_sites=[f"blocks.{i}.hook_mlp_out" for i in range(3)])
+    cfg = {**sites, "d_in": 16, "d_out": 16, "d_sae": 48, "activation": "topk", "activation_options": {"k": 4}, "layered": True}
+    with pytest.raises(MechscopeError, match=message) as err:
+        Dictionary(DictConfig(**{**cfg, **overrides}))
+    assert "\n" not in str(err.value)

@@ -162,8 +162,13 @@ def test_kinds_name_their_sites():
     assert kind_sites("transcoder", [15], "resid_mid") == (["blocks.15.hook_resid_mid"], ["blocks.15.hook_mlp_out"])
     read, write = kind_sites("crosscoder", [13, 14, 15])
     assert read == write == [f"blocks.{n}.hook_resid_post" for n in (13, 14, 15)]
+    read, write = kind_sites("clt", [3, 4])
+    assert (read, write) == (["blocks.3.hook_resid_mid", "blocks.4.hook_resid_mid"], ["blocks.3.hook_mlp_out", "blocks.4.hook_mlp_out"])
     bad = [
-        (("clt", [1, 2]), "unknown dictionary kind 'clt': valid kinds are sae, transcoder, crosscoder"),
+        (("tc", [1, 2]), "unknown dictionary kind 'tc': valid kinds are sae, transcoder, crosscoder, clt"),
+        (("clt", [1, 3]), "two or more consecutive layers, ascending"),
+        (("clt", [2, 1]), "two or more consecutive layers, ascending"),
+        (("clt", [1]), "two or more consecutive layers"),
         (("crosscoder", [3, 3, 4]), "each once, in ascending order"),
         (("crosscoder", [5, 4]), "each once, in ascending order"),
         (("crosscoder", [5]), "two or more layers"),
@@ -178,7 +183,7 @@ def test_kinds_name_their_sites():
         TrainConfig(kind="sae", layers=[1], sites=["blocks.0.hook_resid_post"])
 
 
-@pytest.mark.parametrize(("kind", "layers"), [("transcoder", [1]), ("crosscoder", [0, 1])])
+@pytest.mark.parametrize(("kind", "layers"), [("transcoder", [1]), ("crosscoder", [0, 1]), ("clt", [0, 1, 2])])
 def test_kinds_train_from_their_layers(tmp_path, kind, layers):
     cfg = config(tokens=64 * 10, eval_every=5, kind=kind, layers=layers, sites=None)
     d = train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)
@@ -227,3 +232,50 @@ def test_a_short_run_from_the_model_reads_no_more_contexts_than_it_needs(tmp_pat
     """A chunk holds at most the contexts the run reads (here 3 of 28 scored tokens for 64 tokens), not chunk_contexts."""
     trainer = train_module.Trainer(tiny_lm(), config(tokens=64, chunk_contexts=1024), tmp_path)
     assert trainer.source.spec.chunk_contexts == 3
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_a_clt_trains_and_its_replacement_model_is_spliced_layer_by_layer(tmp_path, activation):
+    """A CLT over every layer of the tiny model: its decoder never writes a layer before its own, and the
+    replacement model's CE equals a hand-run forward in which each MLP's output is computed from that
+    forward's own residual stream (not the clean one's)."""
+    from mechscope.data import corpus, held_out, pack
+    from mechscope.dictionaries.evaluate import evaluate_dictionary
+
+    cfg = config(tokens=64 * 8, kind="clt", layers=[0, 1, 2], sites=None, activation=activation, k=2, jumprelu_penalty="tanh")
+    d = train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)
+    assert d.cfg.kind == "clt" and d.d_sae == 3 * 4 * 32
+    profile = d.decoder_profile()
+    block = d.d_sae // 3
+    assert bool((profile[block : 2 * block, 0] == 0).all()) and bool((profile[2 * block :, :2] == 0).all())
+    assert float(profile[:block, 2].sum()) > 0  # layer 0's features do write layer 2
+    model = tiny_lm()
+    result = evaluate_dictionary(model, d, "builtin", tokens=60, ctx_len=32, batch_contexts=2)
+    assert result.sites_carrying is not None and sum(result.sites_carrying) == d.d_sae
+
+    skip = result.skip
+    ids = next(iter(pack(held_out(corpus("builtin"))[1], model.tokenizer, 32, seed=0, batch_size=2, max_contexts=2))).tokens
+    folded = d.folded()
+    features = torch.zeros(2, 32 - skip, d.d_sae)
+    writes = {}
+    for layer in range(3):
+
+        def read(x, layer=layer):  # this forward's resid_mid -> the features of this layer's block
+            z = x[:, skip:] @ folded.W_enc[:, layer * block : (layer + 1) * block] + folded.b_enc[layer * block : (layer + 1) * block]
+            f = z * (z > folded.activation.threshold[layer * block : (layer + 1) * block]) if activation == "jumprelu" else torch.where(
+                z >= z.topk(2, dim=-1).values[..., -1:], z.relu(), torch.zeros_like(z))  # fmt: skip
+            features[..., layer * block : (layer + 1) * block] = f
+            return x
+
+        def write(x, layer=layer):
+            out = x.clone()
+            W = folded.W_dec.view(d.d_sae, 3, -1)[:, layer]
+            out[:, skip:] = features[..., : (layer + 1) * block] @ W[: (layer + 1) * block] + folded.b_dec.view(3, -1)[layer]
+            return out
+
+        writes[f"blocks.{layer}.hook_resid_mid"] = read
+        writes[f"blocks.{layer}.hook_mlp_out"] = write
+    logits = model.run(ids, write=writes, logits=True).logits[:, skip:-1]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, skip + 1 :].flatten())
+    by_eval = evaluate_dictionary(model, d, "builtin", tokens=2 * (32 - skip), ctx_len=32, batch_contexts=2)
+    assert by_eval.ce_spliced == pytest.approx(float(ce), rel=1e-4)

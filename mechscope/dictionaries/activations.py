@@ -14,6 +14,8 @@ decoder row norms.
 - `relu`: z > 0; penalty λ Σ_i f_i ‖W_dec,i‖, L1 weighted by decoder norms (Anthropic, "Circuits
   Updates", April 2024).
 - `topk`: the k largest z of each token, ReLU after; no penalty, k sets the sparsity (Gao et al. 2024).
+  With `blocks` R > 1 (a cross-layer transcoder's latents, one block per layer), the k largest of each
+  block: a layer's features then depend on that layer's input alone, as a replacement model needs.
 - `batchtopk`: the k·B largest positive z of the whole batch; at inference z > θ, θ a running estimate
   of the smallest kept z, saved as every latent's JumpReLU threshold (Bussmann et al. 2024).
 - `jumprelu`: z > θ_i, a learned threshold per latent, with straight-through gradients for θ through a
@@ -111,22 +113,32 @@ class ReLU(Activation):
 class TopK(Activation):
     name = "topk"
 
-    def __init__(self, d_sae: int, k: int = 64):
+    def __init__(self, d_sae: int, k: int = 64, blocks: int = 1):
         super().__init__(d_sae)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
-            raise MechscopeError(f"k={k!r} is invalid for {d_sae} latents: k must be 1..{d_sae}")
-        self.k = k
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1 or d_sae % blocks:
+            raise MechscopeError(f"blocks={blocks!r} is invalid: it must divide the {d_sae} latents")
+        width = d_sae // blocks
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= width:
+            per = "" if blocks == 1 else " per layer"
+            raise MechscopeError(f"k={k!r} is invalid for {width} latents{per}: k must be 1..{width}")
+        self.k, self.blocks = k, blocks
 
     def select(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        cols = z.topk(self.k, dim=-1, sorted=False).indices  # [B, k]
-        rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(self.k)
+        B, F = z.shape
+        if self.blocks == 1:
+            cols = z.topk(self.k, dim=-1, sorted=False).indices  # [B, k]
+        else:
+            width = F // self.blocks
+            cols = z.view(B, self.blocks, width).topk(self.k, dim=-1, sorted=False).indices  # [B, R, k]
+            cols = cols + torch.arange(0, F, width, device=z.device)[None, :, None]
+        rows = torch.arange(B, device=z.device).repeat_interleave(self.k * self.blocks)
         return rows, cols.reshape(-1)
 
     def values(self, z_pairs: Tensor, cols: Tensor) -> Tensor:
         return torch.relu(z_pairs)
 
     def options(self) -> dict:
-        return {"k": self.k}
+        return {"k": self.k} if self.blocks == 1 else {"k": self.k, "blocks": self.blocks}
 
 
 @register
@@ -140,7 +152,7 @@ class BatchTopK(TopK):
     name = "batchtopk"
 
     def __init__(self, d_sae: int, k: int = 64, threshold: float | None = None, momentum: float = 0.01):
-        super().__init__(d_sae, k)
+        super().__init__(d_sae, k)  # one block: BatchTopK pools the whole batch
         self.momentum = momentum
         self.register_buffer("threshold", torch.tensor(math.nan if threshold is None else float(threshold)))
 

@@ -10,6 +10,13 @@ A dictionary reads R sites of width d_in and writes W sites of width d_out throu
 | SAE | one site | the same site |
 | crosscoder | several sites (e.g. residual streams of several layers) | the same sites |
 | transcoder | an MLP's input (`blocks.L.ln2.hook_normalized` or `hook_resid_mid`) | that MLP's output |
+| cross-layer transcoder (CLT) | `blocks.l.hook_resid_mid` of R layers | `blocks.l.hook_mlp_out` of the same layers |
+
+A CLT (`layered=True`) splits its F latents into R blocks of F/R, one per layer: the latents of block r
+read only read site r (their encoder is [d_in, F/R], not [R·d_in, F/R]) and write only the write sites
+r..R−1, the MLP outputs of their own layer and every later one (Anthropic, "Circuit Tracing", 2025).
+W_dec keeps the full [F, W·d_out] shape with the blocks below the diagonal held at zero, so that
+decoding, steering and decoder profiles are those of every other kind.
 
 The input subtracts the decoder bias (`apply_b_dec_to_input`) only where a dictionary reconstructs
 what it reads (SAE, crosscoder), as in Gao et al. 2024. Activations are normalised before they reach
@@ -72,6 +79,9 @@ class DictConfig:
     """The first positions of each context left out of training and evaluation."""
     dtype: str = "float32"
     """The weights' precision on disk (float32, bfloat16 or float16); loaded weights are float32."""
+    layered: bool = False
+    """A cross-layer transcoder: latents in one block per read site, block r reading site r and writing
+    sites r.. (see the module docstring)."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -92,6 +102,8 @@ class DictConfig:
                 f"input_scale {self.input_scale} and output_scale {self.output_scale} differ: a dictionary that "
                 "subtracts its decoder bias from its input reads and writes in one scale"
             )
+        if self.layered:
+            self._check_layered()
         if self.matryoshka is not None:
             sizes = [int(m) for m in self.matryoshka]
             if sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.d_sae:
@@ -100,6 +112,20 @@ class DictConfig:
                 )
             self.matryoshka = sizes
 
+    def _check_layered(self) -> None:
+        R = len(self.read_sites)
+        if len(self.write_sites) != R or self.reconstructs:
+            raise MechscopeError(
+                "a cross-layer transcoder reads one site per layer and writes another per layer: "
+                f"it got {R} read and {len(self.write_sites)} write sites"
+            )
+        if self.d_sae % R:
+            raise MechscopeError(f"d_sae={self.d_sae} does not split into {R} equal blocks, one per layer")
+        refused = ("a skip connection" if self.skip_connection else "Matryoshka prefixes" if self.matryoshka else
+                   "batchtopk" if self.activation == "batchtopk" else None)  # fmt: skip
+        if refused:
+            raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
+
     @property
     def reconstructs(self) -> bool:
         """Whether the dictionary writes exactly the sites it reads (SAE, crosscoder)."""
@@ -107,6 +133,8 @@ class DictConfig:
 
     @property
     def kind(self) -> str:
+        if self.layered:
+            return "clt"
         if self.reconstructs:
             return "sae" if len(self.read_sites) == 1 else "crosscoder"
         return "skip_transcoder" if self.skip_connection else "transcoder"
@@ -138,14 +166,15 @@ class Dictionary(nn.Module):
         super().__init__()
         self.cfg = cfg
         R, W, D_in, D_out, F = len(cfg.read_sites), len(cfg.write_sites), cfg.d_in, cfg.d_out, cfg.d_sae
-        # [R·d_in, F], stored latent-major (the transpose of a contiguous [F, R·d_in]): each latent's encoder
-        # column is contiguous, which is how the sparse products read and write it.
-        self.W_enc = nn.Parameter(torch.zeros(F, R * D_in).T)
+        # [R·d_in, F] ([d_in, F] for a CLT, each latent reading one site), stored latent-major (the transpose
+        # of a contiguous [F, ·]): each latent's encoder column is contiguous, as the sparse products read it.
+        self.W_enc = nn.Parameter(torch.zeros(F, (1 if cfg.layered else R) * D_in).T)
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.W_dec = nn.Parameter(torch.zeros(F, W * D_out))
         self.b_dec = nn.Parameter(torch.zeros(W * D_out))
         self.W_skip = nn.Parameter(torch.zeros(R * D_in, W * D_out)) if cfg.skip_connection else None
-        self.activation = make_activation(cfg.activation, F, **cfg.activation_options)
+        options = {**cfg.activation_options, **({"blocks": R} if cfg.layered and cfg.activation == "topk" else {})}
+        self.activation = make_activation(cfg.activation, F, **options)
         self.register_buffer("input_scale", torch.tensor(cfg.input_scale).repeat_interleave(D_in))
         self.register_buffer("output_scale", torch.tensor(cfg.output_scale).repeat_interleave(D_out))
 
@@ -162,6 +191,31 @@ class Dictionary(nn.Module):
     @property
     def n_write(self) -> int:
         return len(self.cfg.write_sites)
+
+    @property
+    def blocks(self) -> int:
+        """R for a cross-layer transcoder (one block of latents per layer), else 1."""
+        return self.n_read if self.cfg.layered else 1
+
+    def latent_site(self, features: Tensor) -> Tensor:
+        """The read site (0..R−1) each latent of `features` [N] reads: its block for a CLT, else 0."""
+        return features // (self.d_sae // self.blocks)
+
+    def written_sites(self, feature: int) -> list[int]:
+        """The write sites (indices) latent `feature` can write: all of them, or for a CLT its layer's and later."""
+        first = int(self.latent_site(torch.tensor(feature))) if self.cfg.layered else 0
+        return list(range(first, self.n_write))
+
+    @torch.no_grad()
+    def mask_decoder_(self, tensor: Tensor) -> Tensor:
+        """Zero, in place, the parts of a [F, W·d_out] tensor (W_dec or its gradient) a CLT's latents cannot
+        write: block r's columns at sites before r. Nothing for other kinds. Returns the tensor."""
+        if self.cfg.layered:
+            R = self.blocks
+            view = tensor.view(R, self.d_sae // R, self.n_write, self.cfg.d_out)
+            for r in range(1, R):
+                view[r, :, :r] = 0
+        return tensor
 
     def decoder_profile(self) -> Tensor:
         """[F, W] each latent's decoder norm at each site it writes, in raw activation units (the output
@@ -182,6 +236,8 @@ class Dictionary(nn.Module):
         and good for choosing which latents are active, whose values `sparse.gather_pre` then computes exactly.
         """
         with torch.no_grad():
+            if self.cfg.layered:
+                return self._layered_pre(x, dtype or x.dtype)
             x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
             if dtype is None or dtype == x.dtype:
                 return torch.addmm(self.b_enc, x_in, self.W_enc)
@@ -190,12 +246,30 @@ class Dictionary(nn.Module):
             weights = torch.cat([self.W_enc.T, self.b_enc[:, None]], dim=1).to(dtype)  # [F, R·d_in + 1]
             return torch.cat([x_in.to(dtype), ones], dim=1) @ weights.T
 
+    def _layered_pre(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """A CLT's z [B, F]: block r is x_r W_enc[:, block r] + b_enc[block r], x_r the r-th site of x [B, R·d_in]."""
+        R, D, width = self.blocks, self.cfg.d_in, self.d_sae // self.blocks
+        x, W, b = x.to(dtype), self.W_enc.to(dtype), self.b_enc.to(dtype)
+        z = torch.empty(x.shape[0], self.d_sae, dtype=dtype, device=x.device)
+        for r in range(R):  # each product writes its block of z in place
+            block = slice(r * width, (r + 1) * width)
+            torch.addmm(b[block], x[:, r * D : (r + 1) * D], W[:, block], out=z[:, block])
+        return z
+
+    def gather(self, z: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """The pre-activations [N] of the pairs (rows, cols), differentiable in the encoder (`sparse.gather_pre`);
+        z [B, F] from `pre_activations`, x [B, R·d_in] normalised."""
+        b_pre = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        if not self.cfg.layered:
+            return gather_pre(z, x, b_pre, self.W_enc, self.b_enc, rows, cols)
+        x_sites = x.reshape(x.shape[0] * self.blocks, self.cfg.d_in)  # [B·R, d_in]: token b's site r is row b·R + r
+        return gather_pre(z, x_sites, None, self.W_enc, self.b_enc, rows, cols, rows * self.blocks + self.latent_site(cols))
+
     def forward_normalised(self, x: Tensor) -> DictOutput:
         """Encode and decode normalised inputs x [B, R·d_in]; the reconstruction is [B, W·d_out], normalised."""
         z = self.pre_activations(x)
         rows, cols = self.activation.select(z)
-        b_pre = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        z_pairs = gather_pre(z, x, b_pre, self.W_enc, self.b_enc, rows, cols)
+        z_pairs = self.gather(z, x, rows, cols)
         active = Active(self.activation.values(z_pairs, cols), rows, cols, x.shape[0], self.d_sae)
         return DictOutput(self.decode_normalised(active, x), active, z_pairs)
 
@@ -270,7 +344,11 @@ class Dictionary(nn.Module):
         out = Dictionary(cfg).to(self.W_enc.device, self.W_enc.dtype)
         state = {k: v.clone() for k, v in self.state_dict().items() if k not in ("input_scale", "output_scale")}
         s, t = self.input_scale, self.output_scale
-        state["W_enc"] = self.W_enc * s[:, None]
+        if self.cfg.layered:  # latent j reads site j // (F/R): its column takes that site's scale
+            per_latent = torch.tensor(self.cfg.input_scale, device=s.device).repeat_interleave(self.d_sae // self.blocks)
+            state["W_enc"] = self.W_enc * per_latent[None, :]
+        else:
+            state["W_enc"] = self.W_enc * s[:, None]
         state["W_dec"] = self.W_dec / t
         state["b_dec"] = self.b_dec / t
         if self.W_skip is not None:

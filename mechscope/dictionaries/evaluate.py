@@ -9,7 +9,7 @@ attention sinks with outlier norms, are left out of every figure and kept clean 
 - dead fraction: latents that never fire on the evaluated tokens; dense fractions: latents firing on
   more than 1 % / 10 % of them. `density` holds each latent's firing fraction (for the histogram).
 - CE: next-token cross-entropy (nats per token) of the clean model, of the model with the
-  reconstruction written at every written site at once (the "replacement" for transcoders), and with
+  reconstruction written at every written site at once (the replacement model for transcoders), and with
   those sites zero-ablated (or mean-ablated: the site's mean over the evaluated tokens of each batch).
   delta CE = CE_spliced − CE_clean; CE-loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean).
 - KL = KL(p_clean ‖ p_spliced) of the next-token distributions, per token, averaged.
@@ -17,8 +17,12 @@ attention sinks with outlier norms, are left out of every figure and kept clean 
   decoder norms hold 80 % of its total, counted over latents: 1 for a feature of one layer, up to W for
   one spread over every layer (cross-layer superposition, Lindsey et al. 2024). From the weights alone.
 
-The reconstruction is computed from the clean forward pass's reads, then written in a second pass,
-so dictionaries that read several layers (crosscoders) are spliced in as they were trained.
+FVU is computed from the clean forward pass's reads. For CE and KL, a dictionary that reconstructs what
+it reads (SAE, crosscoder) is spliced from those clean reads in a second pass, so a crosscoder, which
+reads layers after the first one it writes, is spliced in as it was trained. Transcoders and cross-layer
+transcoders are spliced as a *replacement model*: each covered MLP's output is replaced by the
+dictionary's output computed from what that same pass reads, so that errors of earlier layers flow into
+later ones, as they would in a model whose MLPs were the dictionary (`replacement_writes`).
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ def evaluate_dictionary(
             fired += torch.bincount(out.active.cols[out.active.values > 0], minlength=cfg.d_sae).double()
 
             means = x_write.mean(dim=(0, 1))[None, None].expand_as(x_write) if ablation == "mean" else torch.zeros_like(x_write)
-            spliced = model.run(ids, write=_splice(writes, recon, skip), logits=True).logits
+            splice = _splice(writes, recon, skip) if cfg.reconstructs else replacement_writes(dictionary, skip)
+            spliced = model.run(ids, write=splice, logits=True).logits
             ablated = model.run(ids, write=_splice(writes, means, skip), logits=True).logits
             targets = ids[:, skip + 1 :].reshape(-1)  # positions skip..L-2 predict skip+1..L-1
             pick = slice(skip, ids.shape[1] - 1)
@@ -164,6 +169,40 @@ def evaluate_dictionary(
         ce_recovered=(ce["ce_ablated"] - ce["ce_spliced"]) / gap if gap else float("nan"),
         delta_ce=ce["ce_spliced"] - ce["ce_clean"], kl=ce["kl"], skip=skip, density=density, sites_carrying=carrying,
     )  # fmt: skip
+
+
+def replacement_writes(dictionary: Dictionary, skip: int = 0) -> dict:
+    """Writes for `model.run(..., write=)` that replace every site `dictionary` writes (positions skip..)
+    by its output computed from the sites it reads in the same forward pass: the replacement model of a
+    transcoder or cross-layer transcoder. A CLT's write site w needs only read sites 0..w, which come
+    before it; a dictionary that would write before it has read raises `MechscopeError` when run."""
+    cfg = dictionary.cfg
+    reads: dict[str, Tensor] = {}
+    edits = {}
+    for site in cfg.read_sites:
+
+        def record(x: Tensor, site=site) -> Tensor:
+            reads[site] = x[:, skip:]
+            return x
+
+        edits[site] = record
+    for w, site in enumerate(cfg.write_sites):
+
+        def replace(x: Tensor, w=w, site=site) -> Tensor:
+            needed = cfg.read_sites[: w + 1] if cfg.layered else cfg.read_sites
+            if missing := [s for s in needed if s not in reads]:
+                raise MechscopeError(f"the dictionary writes {site} before it reads {missing[0]}: it cannot replace it")
+            value = reads[needed[0]]
+            inputs = torch.stack([reads.get(s, torch.zeros_like(value)) for s in cfg.read_sites], dim=2).float()
+            n, length = inputs.shape[:2]
+            flat = inputs.flatten(0, 1) if len(cfg.read_sites) > 1 else inputs.flatten(0, 1).squeeze(1)
+            recon = dictionary(flat).recon[:, w].reshape(n, length, -1)  # blocks after w write nothing here
+            x = x.clone()
+            x[:, skip:] = recon.to(x.dtype)
+            return x
+
+        edits[site] = replace
+    return edits
 
 
 def _splice(sites: list[str], values: Tensor, skip: int) -> dict:

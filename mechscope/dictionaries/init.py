@@ -51,7 +51,7 @@ def initialise(dictionary: Dictionary, targets: Tensor, seed: int, decoder_norm:
     """Set the weights of `dictionary` from normalised training targets [n, W·d_out] and a seed."""
     gen = torch.Generator().manual_seed(seed)
     F, width = dictionary.W_dec.shape
-    W_dec = torch.randn(F, width, generator=gen, dtype=torch.float64)
+    W_dec = dictionary.mask_decoder_(torch.randn(F, width, generator=gen, dtype=torch.float64))
     W_dec *= decoder_norm / W_dec.norm(dim=-1, keepdim=True)
     dictionary.W_dec.copy_(W_dec)
     if dictionary.cfg.reconstructs:

@@ -68,7 +68,7 @@ class _GatherPre(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, b_pre, W_enc, rows, cols = ctx.saved_tensors
+        x, b_pre, W_enc, rows, cols = ctx.saved_tensors  # rows index x's rows
         B, F = x.shape[0], W_enc.shape[1]
         grad_W_enc = grad_b_enc = grad_b_pre = None
         grad_by_latent = torch.zeros(F, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
@@ -88,24 +88,32 @@ def _like(grad: Tensor, param: Tensor) -> Tensor:
     return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
-def gather_pre(pre: Tensor, x: Tensor, b_pre: Tensor | None, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def gather_pre(
+    pre: Tensor, x: Tensor, b_pre: Tensor | None, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor,
+    x_rows: Tensor | None = None,
+) -> Tensor:
     """The pre-activations [N] of the pairs (rows, cols), differentiable in W_enc, b_enc and b_pre.
 
     `pre` [B, F] is `(x - b_pre) @ W_enc + b_enc`, computed without autograd, in float32 (then the pairs'
     values are read off it) or in a lower precision used only to select the pairs (then each pair's
     value is computed again exactly, in x's dtype, as one dot product per pair). `x` [B, D] is the input
     before `b_pre` is subtracted (None: nothing is subtracted).
+
+    `x_rows` [N], when given, says which row of `x` [X, D] each pair reads instead of its token's: a
+    cross-layer transcoder's latents each read one of R sites, so x is then its [B·R, d_in] view and
+    x_rows = rows·R + the latent's site (`pre` is always [B, F]).
     """
     if pre.dtype == x.dtype:
         gathered = pre[rows, cols]
     else:
         with torch.no_grad():
             x_in = (x - b_pre if b_pre is not None else x).contiguous()
+            in_rows = rows if x_rows is None else x_rows
             dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                x_in, W_enc.T.contiguous(), cols, _offsets(rows, x.shape[0]), rows, 0, -1
+                x_in, W_enc.T.contiguous(), cols, _offsets(in_rows, x.shape[0]), in_rows, 0, -1
             )  # W_enc.T is already contiguous: the parameter is stored latent-major
             gathered = dots + b_enc[cols]
-    return _GatherPre.apply(gathered, x, b_pre, W_enc, b_enc, rows, cols)
+    return _GatherPre.apply(gathered, x, b_pre, W_enc, b_enc, rows if x_rows is None else x_rows, cols)
 
 
 def _offsets(rows: Tensor, batch: int) -> Tensor:

@@ -9,8 +9,10 @@ and head interventions), at all or chosen positions:
 - `ablate(d, i)`: clamp to 0.
 
 Clamping needs f_i, so it reads the sites the dictionary reads (an SAE reads the site it writes; a
-transcoder's read site comes before its write site in the forward pass). A crosscoder writes its first
-layer before it has read its last, so its features can be added but not clamped.
+transcoder's read site comes before its write site in the forward pass; a cross-layer transcoder's
+feature of layer l reads that layer's `hook_resid_mid` before it writes the MLP outputs of l and later).
+A crosscoder writes its first layer before it has read its last, so its features can be added but not
+clamped. A feature is written only where it writes: every site for a crosscoder, layers l.. for a CLT.
 """
 
 from __future__ import annotations
@@ -87,12 +89,13 @@ class FeatureSteer(Steering):
     def site_edits(self, model) -> dict:
         cfg = self.dictionary.cfg
         direction = self._direction()
+        written = self.dictionary.written_sites(self.feature)
         if self.op == "add":
-            return {s: positional(_adder(self.value * direction[i])) for i, s in enumerate(cfg.write_sites)}
+            return {cfg.write_sites[i]: positional(_adder(self.value * direction[i])) for i in written}
         reads: dict[str, Tensor] = {}
         edits = {s: _recorder(reads, s) for s in cfg.read_sites if s not in cfg.write_sites}
-        for i, site in enumerate(cfg.write_sites):
-            edits[site] = positional(_clamper(self, reads, site, direction[i]))
+        for i in written:
+            edits[cfg.write_sites[i]] = positional(_clamper(self, reads, cfg.write_sites[i], direction[i]))
         return edits
 
 
@@ -112,7 +115,8 @@ def _clamper(steer: FeatureSteer, reads: dict, site: str, direction: Tensor):
     d, cfg = steer.dictionary, steer.dictionary.cfg
 
     def clamp(x: Tensor) -> Tensor:
-        inputs = [x if s == site else reads[s] for s in cfg.read_sites]
+        # a CLT feature reads one site, recorded before this one; the others (of later layers) do not matter
+        inputs = [x if s == site else reads[s] if s in reads or not cfg.layered else torch.zeros_like(x) for s in cfg.read_sites]
         stacked = torch.stack(inputs, dim=-2) if len(inputs) > 1 else inputs[0]
         with torch.no_grad():
             f = d.encode_dense(stacked.float())[..., steer.feature]  # [batch, pos]

@@ -38,11 +38,11 @@ from mechscope.dictionaries.activations import ACTIVATIONS
 from mechscope.dictionaries.dictionary import DictConfig, Dictionary
 from mechscope.dictionaries.formats.own import save_dictionary
 from mechscope.dictionaries.init import initialise, mean_norm_scales, start_sparse
-from mechscope.dictionaries.sparse import Active, gather_pre, sparse_decode
+from mechscope.dictionaries.sparse import Active, sparse_decode
 from mechscope.errors import MechscopeError, one_of
 from mechscope.runtime import Ranks, progress
 
-KINDS = ("sae", "transcoder", "crosscoder")
+KINDS = ("sae", "transcoder", "crosscoder", "clt")
 TRANSCODER_INPUTS = {"normed": "ln2.hook_normalized", "resid_mid": "hook_resid_mid"}
 DEFAULT_SITES = ["blocks.15.hook_resid_post"]
 
@@ -53,7 +53,9 @@ def kind_sites(kind: str | None, layers: list[int] | None, transcoder_input: str
     - sae, one layer L: reads and writes `blocks.L.hook_resid_post`;
     - transcoder, one layer L: reads the MLP's input, `blocks.L.ln2.hook_normalized` (transcoder_input
       "normed") or `blocks.L.hook_resid_mid` ("resid_mid"), and writes its output `blocks.L.hook_mlp_out`;
-    - crosscoder, layers ascending: reads and writes `blocks.l.hook_resid_post` of each (acausal).
+    - crosscoder, layers ascending: reads and writes `blocks.l.hook_resid_post` of each (acausal);
+    - clt (cross-layer transcoder), consecutive layers: reads `blocks.l.hook_resid_mid` and writes
+      `blocks.l.hook_mlp_out` of each; the latents of layer l write the MLP outputs of l and every later layer.
 
     Raises MechscopeError (one line) for an unknown kind or input, or layers of the wrong number or order;
     whether the model has the layers is checked when the sites are resolved on it.
@@ -66,6 +68,10 @@ def kind_sites(kind: str | None, layers: list[int] | None, transcoder_input: str
         raise MechscopeError(f"layers={layers} is invalid: kind {kind} takes one layer")
     if kind == "crosscoder" and (len(layers) < 2 or any(b <= a for a, b in zip(layers, layers[1:], strict=False))):
         raise MechscopeError(f"layers={layers} is invalid: a crosscoder reads two or more layers, each once, in ascending order")
+    if kind == "clt" and (len(layers) < 2 or any(b != a + 1 for a, b in zip(layers, layers[1:], strict=False))):
+        raise MechscopeError(f"layers={layers} is invalid: a cross-layer transcoder covers two or more consecutive layers, ascending")
+    if kind == "clt":
+        return [f"blocks.{n}.hook_resid_mid" for n in layers], [f"blocks.{n}.hook_mlp_out" for n in layers]
     if kind == "transcoder":
         if transcoder_input not in TRANSCODER_INPUTS:
             raise MechscopeError(f"transcoder_input={transcoder_input!r} is invalid: give {one_of(TRANSCODER_INPUTS)}")
@@ -83,19 +89,21 @@ class TrainConfig:
     write_sites: list[str] | None = None
     """Sites it writes; None: the sites it reads (an SAE, or a crosscoder over several)."""
     kind: str | None = None
-    """sae, transcoder or crosscoder over `layers`, instead of sites: sets sites and write_sites (`kind_sites`)."""
+    """sae, transcoder, crosscoder or clt over `layers`, instead of sites: sets sites and write_sites (`kind_sites`)."""
     layers: list[int] | None = None
-    """The layers of `kind`: one for sae and transcoder, two or more ascending for crosscoder."""
+    """The layers of `kind`: one for sae and transcoder, two or more ascending for crosscoder, consecutive for clt."""
     transcoder_input: str = "normed"
     """What a transcoder reads: normed (the MLP's input, blocks.L.ln2.hook_normalized) or resid_mid."""
     expansion: int = 16
-    """Latents per input dimension (d_sae = expansion x d_in), unless d_sae is given."""
+    """Latents per input dimension (d_sae = expansion x d_in; for a clt, per layer: d_sae = layers x
+    expansion x d_in), unless d_sae is given."""
     d_sae: int | None = None
-    """Number of latents."""
+    """Number of latents (for a clt, over all its layers: a multiple of their number)."""
     activation: str = "topk"
     """relu, topk, batchtopk or jumprelu."""
     k: int = 64
-    """Active latents per token (topk, batchtopk); jumprelu and relu start at about k per token (`init.start_sparse`)."""
+    """Active latents per token (topk, batchtopk; per layer for a clt); jumprelu and relu start at about k
+    per token (`init.start_sparse`; per layer for a clt)."""
     sparsity: float | None = None
     """Penalty coefficient: relu's L1 (default 5) or jumprelu's L0 (default 1)."""
     jumprelu_penalty: str = "l0"
@@ -190,8 +198,7 @@ class _Loss(nn.Module):
         d = self.dictionary
         z = d.pre_activations(x_read, self.selection_dtype)
         rows, cols = d.activation.select(z)
-        b_pre = d.b_dec if d.cfg.apply_b_dec_to_input else None
-        z_pairs = gather_pre(z, x_read, b_pre, d.W_enc, d.b_enc, rows, cols)
+        z_pairs = d.gather(z, x_read, rows, cols)
         active = Active(d.activation.values(z_pairs, cols), rows, cols, x_read.shape[0], d.d_sae)
         recon = d.decode_normalised(active, x_read)
         error = x_write - recon
@@ -204,17 +211,17 @@ class _Loss(nn.Module):
         loss = loss + penalty_scale * penalty
         aux = mse.new_zeros(())
         if d.activation.name in ("topk", "batchtopk") and bool(dead.any()):
-            aux = self._aux(z, x_read, b_pre, error.detach(), dead)
+            aux = self._aux(z, x_read, error.detach(), dead)
             loss = loss + self.cfg.aux_coefficient * aux
         return {"loss": loss, "mse": mse.detach(), "penalty": penalty.detach(), "aux": aux.detach(), "active": active}
 
-    def _aux(self, z: Tensor, x_read: Tensor, b_pre, residual: Tensor, dead: Tensor) -> Tensor:
+    def _aux(self, z: Tensor, x_read: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """AuxK: the top pre-activations among dead latents reconstruct the error; MSE over the error's variance."""
         d = self.dictionary
         k = min(self.aux_k, int(dead.sum()))
         cols = z.masked_fill(~dead, -math.inf).topk(k, dim=-1, sorted=False).indices.reshape(-1)
         rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
-        values = torch.relu(gather_pre(z, x_read, b_pre, d.W_enc, d.b_enc, rows, cols))
+        values = torch.relu(d.gather(z, x_read, rows, cols))
         aux_recon = sparse_decode(Active(values, rows, cols, z.shape[0], d.d_sae), d.W_dec)
         scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return (residual - aux_recon).pow(2).sum(-1).mean() / scale
@@ -257,9 +264,14 @@ class Trainer:
         self.write = [name(s) for s in (cfg.write_sites or cfg.sites)]
         self.all_sites = list(dict.fromkeys(self.read + self.write))
         self.d = site_width(model, self.all_sites) if model is not None else source.d
-        latents = cfg.d_sae or cfg.expansion * self.d
-        if cfg.activation in ("topk", "batchtopk") and not 1 <= cfg.k <= latents:  # before any forward pass
-            raise MechscopeError(f"k={cfg.k} is invalid for {latents} latents: k must be 1..{latents}")
+        blocks = len(self.read) if cfg.kind == "clt" else 1
+        self.latents = cfg.d_sae or cfg.expansion * self.d * blocks
+        if self.latents % blocks:
+            raise MechscopeError(f"d_sae={self.latents} does not split into {blocks} equal blocks, one per layer")
+        per = self.latents // blocks
+        if cfg.activation in ("topk", "batchtopk") and not 1 <= cfg.k <= per:  # before any forward pass
+            where = "" if blocks == 1 else " per layer"
+            raise MechscopeError(f"k={cfg.k} is invalid for {per} latents{where}: k must be 1..{per}")
         self.source, self.eval_source = self._sources(source, eval_source)
 
     def _sources(self, given=None, given_eval=None):
@@ -299,7 +311,7 @@ class Trainer:
         from mechscope.models.fingerprint import model_fingerprint
 
         dict_cfg = DictConfig(
-            self.read, self.write, self.d, self.d, cfg.d_sae or cfg.expansion * self.d, cfg.activation, _activation_options(cfg),
+            self.read, self.write, self.d, self.d, self.latents, cfg.activation, _activation_options(cfg), layered=cfg.kind == "clt",
             skip_connection=cfg.skip_connection, matryoshka=cfg.matryoshka, model=self.model.name if self.model else "",
             model_fingerprint=model_fingerprint(self.model) if self.model else "", skip_positions=cfg.skip,
             input_scale=mean_norm_scales(sample[:, [index[s] for s in self.read]]),
@@ -313,7 +325,7 @@ class Trainer:
         _, targets = self._split(sample[rows[:16384]])
         initialise(dictionary, targets, cfg.seed, decoder_norm=0.1 if cfg.activation == "relu" else 1.0)
         if cfg.activation in ("jumprelu", "relu"):
-            start_sparse(dictionary, *self._split(sample[rows[:4096]]), cfg.k)
+            start_sparse(dictionary, *self._split(sample[rows[:4096]]), cfg.k * dictionary.blocks)  # k per layer for a clt
         return dictionary
 
     def _finished(self) -> Dictionary | None:
@@ -343,7 +355,7 @@ class Trainer:
 
     def run(self) -> Dictionary:
         cfg = self.cfg
-        base_lr = cfg.lr or default_lr(cfg.activation, cfg.d_sae or cfg.expansion * self.d)
+        base_lr = cfg.lr or default_lr(cfg.activation, self.latents // (len(self.read) if cfg.kind == "clt" else 1))
         state = checkpoint.load(self.out / "checkpoint")
         if state is None and (done := self._finished()) is not None:
             return done
@@ -384,6 +396,8 @@ class Trainer:
                 out = ddp(x_read, x_write, dead, penalty_scale)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
+                if dictionary.W_dec.grad is not None:  # a CLT's latents never write layers before their own
+                    dictionary.mask_decoder_(dictionary.W_dec.grad)
                 if unit_norm:
                     _remove_parallel_grad(dictionary.W_dec)
                 optimizer.step()

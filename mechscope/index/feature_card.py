@@ -76,7 +76,8 @@ def feature_logits(model, dictionary: Dictionary, feature: int) -> tuple[Tensor 
     order = {name: i for i, name in enumerate(model.site_names())}
     sites = [model.site(s) for s in dictionary.cfg.write_sites]
     states = [i for i, s in enumerate(sites) if s.kind in STATES]
-    used = [i for i, s in enumerate(sites) if s.kind in ADDED or s.kind == "mlp.hook_post"]
+    writes = set(dictionary.written_sites(feature))  # a CLT feature writes its own layer and later ones
+    used = [i for i, s in enumerate(sites) if (s.kind in ADDED or s.kind == "mlp.hook_post") and i in writes]
     if states:
         used.append(max(states, key=lambda i: order[sites[i].name]))
     if not used:
