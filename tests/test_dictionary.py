@@ -134,9 +134,9 @@ def test_bad_configs_get_one_line():
 def make_clt(activation: str, layers: int = 3, seed: int = 0) -> Dictionary:
     """A cross-layer transcoder over `layers` layers, 16 latents per layer, random weights (decoder masked)."""
     options = {"topk": {"k": 4}, "relu": {}, "jumprelu": {"bandwidth": 0.5}}[activation]
-    cfg = DictConfig([f"blocks.{i}.hook_resid_mid" for i in range(layers)], [f"blocks.{i}.hook_mlp_out" for i in range(layers)],
-                     16, 16, 16 * layers, activation, options, layered=True,
-                     input_scale=[0.5 + i for i in range(layers)], output_scale=[2.0 - 0.5 * i for i in range(layers)])  # fmt: skip
+    reads, writes = [f"blocks.{i}.hook_resid_mid" for i in range(layers)], [f"blocks.{i}.hook_mlp_out" for i in range(layers)]
+    scales = {"input_scale": [0.5 + i for i in range(layers)], "output_scale": [2.0 - 0.5 * i for i in range(layers)]}
+    cfg = DictConfig(reads, writes, 16, 16, 16 * layers, activation, options, layered=True, **scales)
     d = make_from(cfg, seed)
     d.mask_decoder_(d.W_dec.data)
     return d
@@ -161,7 +161,9 @@ def test_a_clt_equals_its_dense_block_formula_and_is_causal(activation):
     target = torch.randn(32, R * 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     out = d.forward_normalised(x)
     if activation == "topk":  # k of each layer's block, per token
-        per_block = torch.zeros(32, R, dtype=torch.long).index_put_((out.active.rows, out.active.cols // 16), torch.tensor(1), accumulate=True)
+        per_block = torch.zeros(32, R, dtype=torch.long).index_put_(
+            (out.active.rows, out.active.cols // 16), torch.tensor(1), accumulate=True
+        )
         assert bool((per_block == 4).all())
     p = {n: v.detach().clone().requires_grad_(True) for n, v in d.named_parameters()}
     W_big = torch.cat([torch.cat([p["W_enc"][:, r * 16 : (r + 1) * 16] if q == r else torch.zeros(16, 16, dtype=torch.float64)
@@ -215,7 +217,9 @@ def test_folding_a_clt_keeps_every_activation_and_its_files_round_trip(activatio
     ],
 )
 def test_bad_clt_configs_get_one_line(overrides, message):
-    sites = dict(read_sites=[f"blocks.{i}.hook_resid_mid" for i in range(3)], write_sites=[f"blocks.{i}.hook_mlp_out" for i in range(3)])
+    sites = dict(
+        read_sites=[f"blocks.{i}.hook_resid_mid" for i in range(3)], write_sites=[f"blocks.{i}.hook_mlp_out" for i in range(3)]
+    )
     cfg = {**sites, "d_in": 16, "d_out": 16, "d_sae": 48, "activation": "topk", "activation_options": {"k": 4}, "layered": True}
     with pytest.raises(MechscopeError, match=message) as err:
         Dictionary(DictConfig(**{**cfg, **overrides}))

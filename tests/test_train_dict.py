@@ -163,7 +163,10 @@ def test_kinds_name_their_sites():
     read, write = kind_sites("crosscoder", [13, 14, 15])
     assert read == write == [f"blocks.{n}.hook_resid_post" for n in (13, 14, 15)]
     read, write = kind_sites("clt", [3, 4])
-    assert (read, write) == (["blocks.3.hook_resid_mid", "blocks.4.hook_resid_mid"], ["blocks.3.hook_mlp_out", "blocks.4.hook_mlp_out"])
+    assert (read, write) == (
+        ["blocks.3.hook_resid_mid", "blocks.4.hook_resid_mid"],
+        ["blocks.3.hook_mlp_out", "blocks.4.hook_mlp_out"],
+    )
     bad = [
         (("tc", [1, 2]), "unknown dictionary kind 'tc': valid kinds are sae, transcoder, crosscoder, clt"),
         (("clt", [1, 3]), "two or more consecutive layers, ascending"),
@@ -261,9 +264,14 @@ def test_a_clt_trains_and_its_replacement_model_is_spliced_layer_by_layer(tmp_pa
     for layer in range(3):
 
         def read(x, layer=layer):  # this forward's resid_mid -> the features of this layer's block
-            z = x[:, skip:] @ folded.W_enc[:, layer * block : (layer + 1) * block] + folded.b_enc[layer * block : (layer + 1) * block]
-            f = z * (z > folded.activation.threshold[layer * block : (layer + 1) * block]) if activation == "jumprelu" else torch.where(
-                z >= z.topk(2, dim=-1).values[..., -1:], z.relu(), torch.zeros_like(z))  # fmt: skip
+            z = (
+                x[:, skip:] @ folded.W_enc[:, layer * block : (layer + 1) * block]
+                + folded.b_enc[layer * block : (layer + 1) * block]
+            )
+            if activation == "jumprelu":
+                f = z * (z > folded.activation.threshold[layer * block : (layer + 1) * block])
+            else:
+                f = torch.where(z >= z.topk(2, dim=-1).values[..., -1:], z.relu(), torch.zeros_like(z))
             features[..., layer * block : (layer + 1) * block] = f
             return x
 

@@ -337,7 +337,9 @@ def writes(model: Model, interventions: Iterable[Intervention], ids: Tensor | No
     for iv in resolve(model, interventions, ids):
         if isinstance(iv, Steering):
             for site, edit in iv.site_edits(model).items():
-                by_site[model.site(site).name].append(SiteEdit(edit, iv.positions if getattr(edit, "positional", False) else None))
+                by_site[model.site(site).name].append(
+                    SiteEdit(edit, iv.positions if getattr(edit, "positional", False) else None)
+                )
         elif iv.op in UNIT_OPS:
             groups: dict[str, list[Unit]] = defaultdict(list)
             for unit in iv.units:

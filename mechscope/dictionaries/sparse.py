@@ -89,7 +89,13 @@ def _like(grad: Tensor, param: Tensor) -> Tensor:
 
 
 def gather_pre(
-    pre: Tensor, x: Tensor, b_pre: Tensor | None, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor,
+    pre: Tensor,
+    x: Tensor,
+    b_pre: Tensor | None,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    rows: Tensor,
+    cols: Tensor,
     x_rows: Tensor | None = None,
 ) -> Tensor:
     """The pre-activations [N] of the pairs (rows, cols), differentiable in W_enc, b_enc and b_pre.

@@ -69,7 +69,9 @@ def kind_sites(kind: str | None, layers: list[int] | None, transcoder_input: str
     if kind == "crosscoder" and (len(layers) < 2 or any(b <= a for a, b in zip(layers, layers[1:], strict=False))):
         raise MechscopeError(f"layers={layers} is invalid: a crosscoder reads two or more layers, each once, in ascending order")
     if kind == "clt" and (len(layers) < 2 or any(b != a + 1 for a, b in zip(layers, layers[1:], strict=False))):
-        raise MechscopeError(f"layers={layers} is invalid: a cross-layer transcoder covers two or more consecutive layers, ascending")
+        raise MechscopeError(
+            f"layers={layers} is invalid: a cross-layer transcoder covers two or more consecutive layers, ascending"
+        )
     if kind == "clt":
         return [f"blocks.{n}.hook_resid_mid" for n in layers], [f"blocks.{n}.hook_mlp_out" for n in layers]
     if kind == "transcoder":
@@ -311,9 +313,10 @@ class Trainer:
         from mechscope.models.fingerprint import model_fingerprint
 
         dict_cfg = DictConfig(
-            self.read, self.write, self.d, self.d, self.latents, cfg.activation, _activation_options(cfg), layered=cfg.kind == "clt",
-            skip_connection=cfg.skip_connection, matryoshka=cfg.matryoshka, model=self.model.name if self.model else "",
-            model_fingerprint=model_fingerprint(self.model) if self.model else "", skip_positions=cfg.skip,
+            self.read, self.write, self.d, self.d, self.latents, cfg.activation, _activation_options(cfg),
+            layered=cfg.kind == "clt", skip_connection=cfg.skip_connection, matryoshka=cfg.matryoshka,
+            model=self.model.name if self.model else "", skip_positions=cfg.skip,
+            model_fingerprint=model_fingerprint(self.model) if self.model else "",
             input_scale=mean_norm_scales(sample[:, [index[s] for s in self.read]]),
             output_scale=mean_norm_scales(sample[:, [index[s] for s in self.write]]),
         )  # fmt: skip
