@@ -298,32 +298,53 @@ def feature(
 
 
 def convert_dict(
-    folder: Annotated[str, typer.Argument(help="A dictionary folder (mechscope, SAELens or sparsify).")],
+    folders: Annotated[
+        list[str],
+        typer.Argument(
+            help="A dictionary folder (mechscope, SAELens, sparsify or circuit-tracer); for --to circuit-tracer, "
+            "one CLT or one transcoder per layer from 0."
+        ),  # fmt: skip
+    ],
     out: Annotated[Path, typer.Option(help="The folder to write (replaced atomically).")],
-    to: Annotated[str, typer.Option(help="mechscope or saelens.")] = "mechscope",
+    to: Annotated[str, typer.Option(help="mechscope, saelens or circuit-tracer.")] = "mechscope",
     dtype: Annotated[str, typer.Option(help="Weights on disk (mechscope format): float32, bfloat16 or float16.")] = "float32",
     site: Annotated[str | None, typer.Option(help="The site an imported dictionary reads, where its files do not say.")] = None,
 ):
     """Convert a dictionary between formats (or to 16-bit weights); the feature activations stay the same."""
-    from mechscope.dictionaries.formats import export_saelens, load_any, save_dictionary
+    from mechscope.dictionaries.formats import export_clt, export_saelens, export_transcoder_set, load_any, save_dictionary
     from mechscope.dictionaries.formats.own import read_config
 
-    if to not in ("mechscope", "saelens"):
-        raise MechscopeError(f"--to {to!r} is not a format: valid values are mechscope, saelens")
+    formats = ("mechscope", "saelens", "circuit-tracer")
+    if to not in formats:
+        raise MechscopeError(f"--to {to!r} is not a format: valid values are {', '.join(formats)}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MechscopeError(f"--dtype {dtype!r} is not a dtype: valid values are float32, bfloat16, float16")
-    if to == "saelens" and dtype != "float32":
-        raise MechscopeError("--dtype applies to the mechscope format only: SAELens folders are written in float32")
-    if Path(out).resolve() == Path(folder).resolve():
-        raise MechscopeError(f"--out {shown(out)} is the folder being converted: give another folder")
+    if to != "mechscope" and dtype != "float32":
+        raise MechscopeError(f"--dtype applies to the mechscope format only: {to} folders are written in float32")
+    if len(folders) > 1 and to != "circuit-tracer":
+        raise MechscopeError(f"{len(folders)} folders given: only --to circuit-tracer takes several (a transcoder per layer)")
+    for folder in folders:
+        if Path(out).resolve() == Path(folder).resolve():
+            raise MechscopeError(f"--out {shown(out)} is the folder being converted: give another folder")
     check_folder("--out", out)
-    dictionary = load_any(folder, site=site)
-    if to == "saelens":
+    dictionaries = [load_any(folder, site=site) for folder in folders]
+    dictionary = dictionaries[0]
+    if to == "circuit-tracer" and len(dictionaries) == 1 and dictionary.cfg.layered:
+        written = export_clt(dictionary, out)
+    elif to == "circuit-tracer":
+        written = export_transcoder_set(dictionaries, out)
+    elif to == "saelens":
         written = export_saelens(dictionary, out)
     else:  # the training settings and final figures travel along
+        folder = folders[0]
         training = read_config(folder).get("training") if (Path(folder) / "dictionary.safetensors").is_file() else None
         written = save_dictionary(dictionary, out, extra=training, dtype=dtype)
-    console.print(f"{to} dictionary ({dictionary.cfg.d_in} -> {dictionary.d_sae} latents, {dtype}): {shown(written)}")
+    what = (
+        f"{len(dictionaries)} transcoders"
+        if len(dictionaries) > 1
+        else f"{dictionary.cfg.kind} ({dictionary.cfg.d_in} -> {dictionary.d_sae} latents)"
+    )
+    console.print(f"{to} {what}, {dtype}: {shown(written)}")
 
 
 def register(app: typer.Typer) -> None:

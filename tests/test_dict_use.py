@@ -322,3 +322,30 @@ def test_steering_a_clt_feature_writes_its_layer_and_the_later_ones(tmp_path):
     clamped = m.run(TEXT, write=clamps).logits[0, -1].log_softmax(-1)
     r = intervene(m, TEXT, FeatureSteer.clamp(d, feature, 2.0), k=5)
     assert r.after.top[0].logprob == pytest.approx(float(clamped[r.after.top[0].id]), abs=1e-5)
+
+
+def test_convert_dict_writes_circuit_tracer_sets_and_clts(tmp_path, run):
+    """--to circuit-tracer takes one CLT, or one transcoder per layer from 0; both read back with the same features."""
+    from test_format_circuit_tracer import clt, transcoder
+
+    from mechscope.dictionaries import load_any, save_dictionary
+
+    save_dictionary(clt("jumprelu"), tmp_path / "clt")
+    code, out = run("convert-dict", tmp_path / "clt", "--out", tmp_path / "ct-clt", "--to", "circuit-tracer")
+    assert code == 0 and (tmp_path / "ct-clt" / "W_dec_2.safetensors").is_file(), out
+    x = torch.randn(8, 3, 32)
+    torch.testing.assert_close(
+        load_any(tmp_path / "ct-clt").encode_dense(x), load_any(tmp_path / "clt").encode_dense(x), atol=1e-4, rtol=1e-4
+    )
+    for layer in (0, 1):
+        save_dictionary(transcoder(layer, "relu", {}, False), tmp_path / f"t{layer}")
+    code, out = run("convert-dict", tmp_path / "t1", tmp_path / "t0", "--out", tmp_path / "ct-set", "--to", "circuit-tracer")
+    assert code == 0 and "2 transcoders" in out and (tmp_path / "ct-set" / "layer_1.safetensors").is_file(), out
+    for args, message in (
+        ([tmp_path / "t1", "--to", "circuit-tracer"], "cover layers [1]"),
+        ([tmp_path / "t0", tmp_path / "t1"], "only --to circuit-tracer takes several"),
+        ([tmp_path / "ct-set"], "give the site one of them reads"),
+        ([tmp_path / "clt", "--to", "saelens"], "a clt cannot be exported for SAELens"),
+    ):
+        code, out = run("convert-dict", *args, "--out", tmp_path / "x")
+        assert code == 2 and message in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out

@@ -82,7 +82,9 @@ def export_saelens(
     d = dictionary.folded()
     cfg = d.cfg
     if len(cfg.read_sites) != 1 or len(cfg.write_sites) != 1:
-        raise MechscopeError(f"a {cfg.kind} cannot be exported for SAELens: its files hold one read site and one write site")
+        raise MechscopeError(
+            f"a {cfg.kind} cannot be exported for SAELens: it has no {cfg.kind} format (a file holds one read, one write site)"
+        )
     transcoder = not cfg.reconstructs
     if cfg.skip_connection and not transcoder:
         raise MechscopeError("an SAE with a skip connection cannot be exported for SAELens: only its transcoders have one")
