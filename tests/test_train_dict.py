@@ -104,6 +104,18 @@ def test_bad_settings_get_one_line(tmp_path):
         train_dictionary(tiny_lm(), config(sites=["blocks.9.hook_resid_post"]), tmp_path, show_progress=False)
     with pytest.raises(MechscopeError, match="k=400 is invalid for 128 latents"):
         train_dictionary(tiny_lm(), config(k=400), tmp_path, show_progress=False)
+    kinds = [
+        (dict(kind="clt", layers=[1, 2, 3]), "layer 3 out of range in site 'blocks.3.hook_resid_mid': valid layers are 0..2"),
+        (dict(sites=[SITE, "blocks.0.mlp.hook_post"]), "have different widths [32, 48]: one dictionary reads sites of one width"),
+        (dict(kind="clt", layers=[0, 1], k=200), "k=200 is invalid for 128 latents per layer"),
+        (dict(kind="clt", layers=[0, 1], d_sae=129), "d_sae=129 does not split into 2 equal blocks"),
+        (dict(kind="clt", layers=[0, 1], activation="batchtopk"), "cannot have batchtopk"),
+    ]
+    for overrides, message in kinds:
+        overrides.setdefault("sites", None)
+        with pytest.raises(MechscopeError, match=re.escape(message)) as err:
+            train_dictionary(tiny_lm(), config(**overrides), tmp_path, show_progress=False)
+        assert "\n" not in str(err.value)
 
 
 DDP_SCRIPT = """

@@ -165,6 +165,10 @@ class TrainConfig:
             raise MechscopeError("give the sites to read, or a kind and its layers")
         if self.activation not in ACTIVATIONS:
             raise MechscopeError(f"unknown activation {self.activation!r}: valid activations are {one_of(ACTIVATIONS)}")
+        if self.kind == "clt" and (self.activation == "batchtopk" or self.matryoshka or self.skip_connection):
+            refused = ("batchtopk" if self.activation == "batchtopk" else
+                       "Matryoshka prefixes" if self.matryoshka else "a skip connection")  # fmt: skip
+            raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
         for name in ("expansion", "k", "tokens", "batch_size", "eval_every", "eval_tokens", "dead_tokens", "ctx_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
