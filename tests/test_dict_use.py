@@ -225,6 +225,7 @@ def test_train_dict_refuses_a_bad_store_or_setting_in_one_line(tmp_path, run, mo
         (("--k", -3), "k=-3 is invalid"),
         (("--activation", "softmax"), "unknown activation 'softmax'"),
         (("--write-sites", "blocks.1.hook_nothing"), "unknown site"),
+        (("--store", good, "--write-sites", "blocks.0.hook_resid_post"), "it has no blocks.0.hook_resid_post"),
     ]
     for i, (args, message) in enumerate(cases):
         code, out = run(*train, "--out", tmp_path / f"run{i}", *args)
@@ -349,3 +350,18 @@ def test_convert_dict_writes_circuit_tracer_sets_and_clts(tmp_path, run):
     ):
         code, out = run("convert-dict", *args, "--out", tmp_path / "x")
         assert code == 2 and message in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_a_store_of_many_sites_feeds_a_dictionary_of_some(tmp_path):
+    """One harvest of several sites serves a dictionary of a subset: its chunks are those of a store of that site alone."""
+    from mechscope.activations import HarvestSettings, StoreSource, StreamSpec, harvest
+
+    both = ("blocks.0.hook_resid_post", SITE)
+    for name, sites in (("both", both), ("one", (SITE,))):
+        spec = StreamSpec(sites, "builtin", ctx_len=32)
+        harvest(tiny_lm(), spec, tmp_path / name, HarvestSettings(tokens=448, shard_contexts=8), progress=False)
+    picked = next(StoreSource(tmp_path / "both", sites=[SITE]).chunks(0))[1]
+    alone = next(StoreSource(tmp_path / "one").chunks(0))[1]
+    assert picked.shape == alone.shape and torch.equal(picked, alone)
+    with pytest.raises(MechscopeError, match="it has no blocks.2.hook_resid_post"):
+        StoreSource(tmp_path / "both", sites=["blocks.2.hook_resid_post"])

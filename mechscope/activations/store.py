@@ -211,7 +211,11 @@ class StoreSource:
     in a seeded order of its own.
     """
 
-    def __init__(self, folder: str | Path, shards_per_chunk: int = 4, seed: int = 0, parts: int = 8):
+    def __init__(
+        self, folder: str | Path, shards_per_chunk: int = 4, seed: int = 0, parts: int = 8, sites: list[str] | None = None
+    ):
+        """`sites`: the sites to read, in this order, from a store that may hold more (one harvest can feed
+        several dictionaries); None reads every site of the store."""
         self.folder = Path(folder)
         self.manifest = read_manifest(folder)
         if not self.manifest.get("complete"):
@@ -223,7 +227,11 @@ class StoreSource:
         for path, meta in zip(self.shards, self.manifest["shards"], strict=True):
             if not path.is_file():
                 raise MechscopeError(f"the store at {str(folder)!r} is missing {meta['file']}: harvest it again")
-        self.sites, self.d = list(self.manifest["sites"]), int(self.manifest["d"])
+        self.stored, self.d = list(self.manifest["sites"]), int(self.manifest["d"])
+        self.sites = list(self.stored if sites is None else sites)
+        if missing := [s for s in self.sites if s not in self.stored]:
+            raise MechscopeError(f"the store at {str(folder)!r} holds sites {self.stored}: it has no {missing[0]}")
+        self.columns = None if self.sites == self.stored else [self.stored.index(s) for s in self.sites]
         self.shards_per_chunk = max(1, min(shards_per_chunk, len(self.shards)))
         shard_tokens = int(self.manifest["shard_tokens"])
         self.parts = max(p for p in range(1, max(1, parts) + 1) if shard_tokens % p == 0)  # slices of equal size
@@ -238,18 +246,19 @@ class StoreSource:
         return int(self.manifest["tokens"])
 
     def _read(self, path: Path, part: int) -> torch.Tensor:
-        """Slice `part` of `parts` of one shard, float32 [shard_tokens / parts, n_sites, d]."""
+        """Slice `part` of `parts` of one shard, float32 [shard_tokens / parts, n_sites, d] (the sites read)."""
         rows = int(self.manifest["shard_tokens"])
         size = rows // self.parts
         try:
             with safe_open(str(path), "pt") as f:
                 acts = f.get_slice("acts")
                 shape = tuple(acts.get_shape())
-                if shape != (rows, len(self.sites), self.d):
+                if shape != (rows, len(self.stored), self.d):
                     raise MechscopeError(
                         f"shard {str(path)!r} has shape {list(shape)}, not what the manifest says: harvest it again"
                     )
-                return acts[part * size : (part + 1) * size].float()
+                piece = acts[part * size : (part + 1) * size]
+                return (piece if self.columns is None else piece[:, self.columns]).float()
         except MechscopeError:
             raise
         except Exception as err:  # safetensors raises its own error types for damaged files

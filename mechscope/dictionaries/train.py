@@ -299,10 +299,7 @@ class Trainer:
             return given, eval_source
         if cfg.store is None:
             return ModelSource(self.model, spec, train_text), eval_source
-        store = StoreSource(cfg.store, seed=cfg.seed)
-        if store.sites != self.all_sites:
-            raise MechscopeError(f"the store at {cfg.store!r} holds sites {store.sites}, not {self.all_sites}")
-        return store, eval_source
+        return StoreSource(cfg.store, seed=cfg.seed, sites=self.all_sites), eval_source  # the sites it needs, of any store
 
     def _split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         """A batch [B, n_sites, d] as normalised (reads [B, R·d], writes [B, W·d])."""
