@@ -83,18 +83,21 @@ def _run(cmd: list[str]) -> str:
     return done.stdout
 
 
-def train_and_eval(name: str, args: list[str], store: Path) -> dict:
-    """Train (or resume) RUNS/name and evaluate it; the result holds both commands and their figures."""
-    out = RUNS / name
+def train_and_eval(
+    name: str, args: list[str], store: Path, sites: list[str] | None = None, eval_args: list[str] = (), runs: Path = RUNS
+) -> dict:
+    """Train (or resume) runs/name and evaluate it; the result holds both commands and their figures.
+    `sites` are the options naming what the dictionary reads (default: --sites SITE)."""
+    out = runs / name
     result_file = out / "eval.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    train = [MECHSCOPE, "train-dict", "--out", str(out), "--sites", SITE, "--store", str(store), *args]
+    train = [MECHSCOPE, "train-dict", "--out", str(out), *(sites or ["--sites", SITE]), "--store", str(store), *args]
     start = time.perf_counter()
     _run(train)
     train_s = time.perf_counter() - start
     evaluate = [MECHSCOPE, "eval-dict", str(out / "dictionary"), "--tokens", str(EVAL_TOKENS), "--json",
-                "--png", str(out / "density.png")]  # fmt: skip
+                "--png", str(out / "density.png"), *eval_args]  # fmt: skip
     printed = _run(evaluate)
     report = json.loads(printed[printed.index("{") :])
     log = out / "metrics.jsonl"

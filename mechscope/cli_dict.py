@@ -146,7 +146,14 @@ def eval_dict(
     table.add_column("figure")
     table.add_column("value", justify="right")
     for name, value in result.summary().items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else literal(str(value)))
+        if name == "fvu_per_site":  # one row per written site, named
+            for site, fvu in zip(d.cfg.write_sites, value, strict=True):
+                table.add_row(literal(f"fvu {site}"), f"{fvu:.4f}")
+        elif name == "sites_carrying" and value is not None:  # how many features need 1, 2, ... sites
+            table.add_row("features carried by 1, 2, ... sites", literal(" / ".join(f"{n:,}" for n in value)))
+        else:
+            table.add_row(name, f"{value:.4f}" if isinstance(value, float) else literal(str(value)))
+    table.add_row("kind", d.cfg.kind)
     console.print(table)
     console.print(f"the first {result.skip} positions of each context are left out of every figure")
     if png:
