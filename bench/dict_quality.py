@@ -40,7 +40,11 @@ MARK_BEGIN = "<!-- quality section: begin (regenerated alone by `bench/dict_qual
 MARK_END = "<!-- quality section: end -->"
 EVAL_TOKENS = 32_768
 
-MAIN = ("q1-topk-k64-5M", "Q1", ["--activation", "topk", "--k", "64", "--d-sae", "9216", "--tokens", "5000000"])
+MAIN = (
+    "q1-topk-k64-5M",
+    "Q1",
+    ["--activation", "topk", "--k", "64", "--d-sae", "9216", "--tokens", "5000000", "--dead-tokens", "1000000"],
+)
 TABLE = [
     ("q2-topk-k64", "Q2 Q3", ["--activation", "topk", "--k", "64"]),
     ("q2-batchtopk-k64", "Q2", ["--activation", "batchtopk", "--k", "64"]),
@@ -70,9 +74,15 @@ TABLE = [
     ("q3-topk-k32", "Q3", ["--activation", "topk", "--k", "32"]),
     ("q3-topk-k128", "Q3", ["--activation", "topk", "--k", "128"]),
 ]
-TABLE = [(name, group, [*args, "--d-sae", "9216", "--tokens", "1000000"]) for name, group, args in TABLE]
+TABLE = [
+    (name, group, [*args, "--d-sae", "9216", "--tokens", "1000000", "--dead-tokens", "1000000"]) for name, group, args in TABLE
+]
 DEMO_ASSET = common.REPO / "mechscope" / "assets" / "sae-smollm2-l15"
-DEMO = ("demo-topk-4608", "D", ["--activation", "topk", "--k", "64", "--d-sae", "4608", "--tokens", "2000000"])
+DEMO = (
+    "demo-topk-4608",
+    "D",
+    ["--activation", "topk", "--k", "64", "--d-sae", "4608", "--tokens", "2000000", "--dead-tokens", "1000000"],
+)
 
 
 def _run(cmd: list[str]) -> str:

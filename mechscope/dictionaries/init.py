@@ -47,8 +47,11 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
 
 
 @torch.no_grad()
-def initialise(dictionary: Dictionary, targets: Tensor, seed: int, decoder_norm: float = 1.0) -> None:
-    """Set the weights of `dictionary` from normalised training targets [n, W·d_out] and a seed."""
+def initialise(
+    dictionary: Dictionary, targets: Tensor, seed: int, decoder_norm: float = 1.0, inputs: Tensor | None = None
+) -> None:
+    """Set the weights of `dictionary` from normalised training targets [n, W·d_out] and a seed; a dictionary
+    that reads other sites than it writes also needs the inputs [n, R·d_in] of the same tokens."""
     gen = torch.Generator().manual_seed(seed)
     F, width = dictionary.W_dec.shape
     W_dec = dictionary.mask_decoder_(torch.randn(F, width, generator=gen, dtype=torch.float64))
@@ -64,6 +67,31 @@ def initialise(dictionary: Dictionary, targets: Tensor, seed: int, decoder_norm:
     dictionary.b_enc.zero_()
     if dictionary.W_skip is not None:
         dictionary.W_skip.zero_()
+    if not dictionary.cfg.reconstructs and inputs is not None:
+        dictionary.b_enc.copy_(-dictionary.pre_activations(inputs.mean(0, keepdim=True))[0])  # centred pre-activations
+        align_decoder(dictionary, inputs, targets, decoder_norm)
+
+
+@torch.no_grad()
+def align_decoder(dictionary: Dictionary, inputs: Tensor, targets: Tensor, decoder_norm: float = 1.0) -> None:
+    """Point each latent's decoder row along the mean centred target of the tokens it fires on in the sample
+    (inputs [n, R·d_in], targets [n, W·d_out], normalised), at norm `decoder_norm`; latents that fire on none
+    keep their random row.
+
+    A transcoder has no transpose to start its decoder from. With random rows, almost every latent's first
+    contribution points the wrong way, so its first gradient steps push its pre-activation down until TopK
+    never picks it again, and AuxK cannot bring back a latent whose pre-activations are all negative: a
+    transcoder of SmolLM2's layer 15 started so had half its latents dead after 15 steps. Aligned rows start
+    each latent useful, as the decoder's transpose does for an SAE."""
+    active = dictionary.forward_normalised(inputs).active
+    centred = (targets - dictionary.b_dec).to(dictionary.W_dec.dtype)
+    sums = torch.zeros_like(dictionary.W_dec).index_add_(
+        0, active.cols, centred[active.rows] * active.values[:, None].clamp_min(0)
+    )
+    dictionary.mask_decoder_(sums)
+    norms = sums.norm(dim=-1, keepdim=True)
+    fired = norms[:, 0] > 0
+    dictionary.W_dec[fired] = sums[fired] * (decoder_norm / norms[fired])
 
 
 @torch.no_grad()

@@ -127,8 +127,9 @@ class TrainConfig:
     """The last fraction of the steps over which the learning rate decays linearly to 0."""
     sparsity_warmup_fraction: float = 0.05
     """The first fraction of the steps over which the penalty coefficient rises linearly from 0."""
-    dead_tokens: int = 1_000_000
-    """A latent that has not fired in this many tokens is dead (AuxK trains it back)."""
+    dead_tokens: int | None = None
+    """A latent that has not fired in this many tokens is dead (AuxK trains it back). None: a tenth of the
+    run, at most 1 M tokens and at least one batch, so that short runs revive dead latents too."""
     aux_k: int | None = None
     """Dead latents AuxK uses per token; None: d_in / 2."""
     aux_coefficient: float = 1 / 32
@@ -169,6 +170,8 @@ class TrainConfig:
             refused = ("batchtopk" if self.activation == "batchtopk" else
                        "Matryoshka prefixes" if self.matryoshka else "a skip connection")  # fmt: skip
             raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
+        if self.dead_tokens is None:
+            self.dead_tokens = min(1_000_000, max(self.batch_size, self.tokens // 10))
         for name in ("expansion", "k", "tokens", "batch_size", "eval_every", "eval_tokens", "dead_tokens", "ctx_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -326,8 +329,8 @@ class Trainer:
         rows = torch.randperm(
             len(sample), generator=torch.Generator().manual_seed(cfg.seed)
         )  # a chunk's rows come in runs of one text
-        _, targets = self._split(sample[rows[:16384]])
-        initialise(dictionary, targets, cfg.seed, decoder_norm=0.1 if cfg.activation == "relu" else 1.0)
+        inputs, targets = self._split(sample[rows[:16384]])
+        initialise(dictionary, targets, cfg.seed, decoder_norm=0.1 if cfg.activation == "relu" else 1.0, inputs=inputs)
         if cfg.activation in ("jumprelu", "relu"):
             start_sparse(dictionary, *self._split(sample[rows[:4096]]), cfg.k * dictionary.blocks)  # k per layer for a clt
         return dictionary
