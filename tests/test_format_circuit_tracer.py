@@ -23,7 +23,7 @@ CASES = {
     "relu": ("relu", {}, False),
     "relu_skip": ("relu", {}, True),
     "jumprelu": ("jumprelu", {}, False),
-    "topk_skip": ("topk", {"k": 8}, True),
+    "jumprelu_skip": ("jumprelu", {}, True),
     "batchtopk": ("batchtopk", {"k": 8, "threshold": 0.6}, False),
 }
 
@@ -79,6 +79,7 @@ def test_what_a_transcoder_set_must_be(tmp_path):
     sae = Dictionary(DictConfig(["blocks.0.hook_resid_post"], ["blocks.0.hook_resid_post"], D, D, F, "topk", {"k": 4}))
     cases = [
         ([sae], "a sae cannot be exported as a circuit-tracer transcoder"),
+        ([transcoder(0, "topk", {"k": 4}, False)], "TopK transcoders cannot be exported for circuit-tracer"),
         ([transcoder(1, "relu", {}, False)], "needs a transcoder for every layer from 0: these cover layers [1]"),
         ([transcoder(0, "relu", {}, False), transcoder(0, "relu", {}, False)], "two transcoders of layer 0"),
         (

@@ -12,8 +12,10 @@ every layer from 0 covered), each with
 and computes f = act(x W_encᵀ + b_enc) (the input never loses b_dec), x̂ = f W_dec + b_dec, where
 x is read at `feature_input_hook` and x̂ written at `feature_output_hook` of the config (hook names
 of one block, e.g. `hook_resid_mid` or `ln2.hook_normalized`, and `hook_mlp_out`). `W_enc` is stored
-transposed with respect to SAELens and to us. ReLU layers have no threshold; TopK sets give
-`activation: topk` and `k` in the config; BatchTopK transcoders are written as JumpReLU with their
+transposed with respect to SAELens and to us. ReLU layers have no threshold. circuit-tracer's loader
+(0.5.0) reads every layer without a threshold as ReLU, whatever its config says, so a TopK set is
+refused rather than written as one it would misread (a set that says `activation: topk` and `k` is
+still read here); BatchTopK transcoders are written as JumpReLU with their
 one inference threshold repeated per latent, as for SAELens. A threshold at or below 0 reads as
 the smallest positive one (our JumpReLU keeps positive values only).
 
@@ -86,7 +88,12 @@ def export_transcoder_set(dictionaries: list[Dictionary], folder: str | Path, mo
         raise MechscopeError(f"circuit-tracer needs a transcoder for every layer from 0: these cover layers {sorted(by_layer)}")
     if len(hooks) != 1 or len(activations) != 1:
         raise MechscopeError("the transcoders differ in the sites they read or write, or in activation: a set shares them")
-    (hook_in, hook_out), (activation, k) = hooks.pop(), activations.pop()
+    (hook_in, hook_out), (activation, _) = hooks.pop(), activations.pop()
+    if activation == "topk":
+        raise MechscopeError(
+            "TopK transcoders cannot be exported for circuit-tracer: its loader reads a layer without a threshold "
+            "as ReLU, so it would misread them"
+        )
     config = {
         "model_name": model_name if model_name is not None else dictionaries[0].cfg.model,
         "model_kind": "transcoder_set",
@@ -96,10 +103,8 @@ def export_transcoder_set(dictionaries: list[Dictionary], folder: str | Path, mo
         "exported_by": "mechscope",
         "transcoders": [f"layer_{i}.safetensors" for i in range(len(by_layer))],
     }
-    if activation in ("relu", "topk"):
+    if activation == "relu":
         config["activation"] = activation
-    if activation == "topk":
-        config["k"] = int(k)
     with atomic_folder(folder) as tmp:
         for layer, dictionary in by_layer.items():
             d = dictionary.folded()
