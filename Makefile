@@ -34,9 +34,11 @@ bench: install
 	$(PY) bench/run.py
 
 # TransformerLens, nnsight, SAELens and sparsify measured side by side with mechscope; bench/peers/run.py
-# installs them into their own venv (bench/peers/.venv) first. Not part of `make test`.
+# installs them into their own venv (bench/peers/.venv) first. Then circuit-tracer's own loaders read the
+# transcoder and CLT folders mechscope writes. Not part of `make test`.
 bench-peers: install
 	$(PY) bench/peers/run.py
+	$(PY) bench/peers/circuit_tracer_check.py
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache
