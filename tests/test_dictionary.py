@@ -224,3 +224,18 @@ def test_bad_clt_configs_get_one_line(overrides, message):
     with pytest.raises(MechscopeError, match=message) as err:
         Dictionary(DictConfig(**{**cfg, **overrides}))
     assert "\n" not in str(err.value)
+
+
+def test_a_crosscoders_penalty_weights_each_feature_by_its_summed_layer_norms():
+    """ReLU's L1 penalty for a crosscoder is λ Σ_i f_i Σ_l ‖W_dec,i,l‖ per token (Lindsey et al. 2024); an SAE's and
+    a CLT's weight by the norm of the whole decoder row."""
+    d = make("relu", ("l1", "l2"), ("l1", "l2"))
+    x = torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = d.forward_normalised(x)
+    per_layer = d.W_dec.detach().view(64, 2, 16).norm(dim=-1).sum(-1)
+    want = d.activation.l1 * (out.active.dense() * per_layer).sum() / 32
+    got = d.activation.penalty(out.active, out.z_pairs, d.decoder_norms())
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(per_layer, d.W_dec.detach().norm(dim=-1))
+    clt = make_clt("relu")
+    torch.testing.assert_close(clt.decoder_norms(), clt.W_dec.norm(dim=-1))

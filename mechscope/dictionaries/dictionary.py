@@ -224,7 +224,13 @@ class Dictionary(nn.Module):
             return (self.W_dec / self.output_scale).view(self.d_sae, self.n_write, self.cfg.d_out).norm(dim=-1)
 
     def decoder_norms(self) -> Tensor:
-        """[F] each latent's decoder norm, over every site it writes."""
+        """[F] each latent's decoder norm, as the sparsity penalties weight it (training units).
+
+        A crosscoder sums its per-site norms, Σ_w ‖W_dec,i,w‖, so that a feature pays for every layer it
+        writes (Lindsey et al. 2024); every other kind takes the norm of the whole row, over all the sites
+        it writes (for a CLT, the concatenation of its decoders, as in Anthropic's 2025 recipe)."""
+        if self.cfg.reconstructs and self.n_write > 1:
+            return self.W_dec.view(self.d_sae, self.n_write, self.cfg.d_out).norm(dim=-1).sum(-1)
         return self.W_dec.norm(dim=-1)
 
     # -- normalised space (training) --------------------------------------------------------------
