@@ -286,3 +286,35 @@ def test_features_of_a_real_model(smollm2, tmp_path):
     manual = hf.lm_head.weight @ (hf.model.norm.weight * sae.W_dec[busiest])
     assert [t.token_id for t in card.promoted] == (manual - manual.mean()).topk(5).indices.tolist()
     assert card.unit.stats.max == pytest.approx(float(f[:, busiest].max()), rel=1e-4)
+
+
+def test_a_clt_is_indexed_feature_by_feature(tmp_path):
+    """A cross-layer transcoder over layers 0-1: its features are units numbered layer by layer, their values
+    those of the CLT on the clean forward's resid_mid of each layer, and a layer-1 feature's logit effects go
+    through layer 1's MLP output only."""
+    m = tiny_lm()
+    reads, writes = ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    cfg = DictConfig(
+        reads, writes, 32, 32, 64, "topk", {"k": 3}, layered=True, model=m.name, model_fingerprint=model_fingerprint(m)
+    )
+    d = Dictionary(cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        d.mask_decoder_(d.W_dec.data)
+    folder = save_dictionary(d.eval(), tmp_path / "clt01")
+    path = build_index(m, tmp_path / "clt.duckdb", sites=SITES, settings=IndexSettings(contexts=(0, 8), **SETTINGS),
+                       checkpoint_seconds=0, progress=False, dictionaries=[folder])  # fmt: skip
+    with Index(path, model=m) as index:
+        ids = torch.from_numpy(
+            index.con.execute("SELECT token FROM tokens ORDER BY ctx, pos").fetchnumpy()["token"].astype(np.int64)
+        )
+        ids = ids.view(8, 32)
+        cache = m.run(ids, read=reads, logits=False).cache
+        with torch.no_grad():
+            f = d.encode_dense(torch.stack([cache[s] for s in reads], dim=2))[:, 4:].reshape(-1, 64)
+        units = index.con.execute("SELECT max FROM units WHERE site = 'f:clt01' ORDER BY unit").fetchnumpy()
+        np.testing.assert_allclose(units["max"], f.max(0).values.numpy(), atol=1e-5)
+    _, via = feature_logits(m, load_any(folder), 40)
+    assert via == "blocks.1.hook_mlp_out"
