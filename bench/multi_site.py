@@ -89,6 +89,10 @@ def quality(store: Path) -> dict:
         "k3-clt", ["--d-sae", str(4608 * 6), "--k", "32", *common_args], store, _layers("clt", CLT_LAYERS),
         eval_args=profile, runs=RUNS,
     )  # fmt: skip
+    runs["k3-clt-jumprelu"] = dict_quality.train_and_eval(
+        "k3-clt-jumprelu", ["--d-sae", str(4608 * 6), "--k", "32", "--tokens", TOKENS, "--no-png", "--activation", "jumprelu",
+                            "--jumprelu-penalty", "tanh"], store, _layers("clt", CLT_LAYERS), runs=RUNS,
+    )  # fmt: skip
     return runs
 
 
@@ -268,6 +272,15 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
             f"`{k3['train_cmd']}`; `{k3['eval_cmd']}`",
             "",
         ]
+        if "k3-clt-jumprelu" in runs:
+            j = runs["k3-clt-jumprelu"]
+            e = j["eval"]
+            lines += [
+                f"The same CLT with JumpReLU and the tanh penalty (coefficient 1, c = 4; started at about 32 active latents per "
+                f"layer): L0 {e['l0']:.1f}, CE recovered {_pct(e['ce_recovered'])}, KL {e['kl']:.3f}, FVU {e['fvu']:.3f}, dead "
+                f"{_pct(e['dead_fraction'])}. `{j['train_cmd']}`",
+                "",
+            ]
     if fast:
         peak = fast["peak"]
         lines += [f"### V1, V2. Training speed, {fast['steps']} steps of {fast['batch']:,} tokens, in-memory activations", ""]

@@ -80,7 +80,7 @@ def train_dict(
     model: ModelOpt = "default",
     config: TrainConfig = None,
 ):
-    """Train a sparse dictionary (SAE, transcoder, crosscoder) on the model's activations; resumes OUT/checkpoint."""
+    """Train a sparse dictionary (SAE, transcoder, crosscoder or CLT) on the model's activations; resumes OUT/checkpoint."""
     from mechscope.dictionaries import train_dictionary
     from mechscope.viz.dict_plots import read_metrics, training_curves_png
 

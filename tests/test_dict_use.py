@@ -225,7 +225,10 @@ def test_train_dict_refuses_a_bad_store_or_setting_in_one_line(tmp_path, run, mo
         (("--k", -3), "k=-3 is invalid"),
         (("--activation", "softmax"), "unknown activation 'softmax'"),
         (("--write-sites", "blocks.1.hook_nothing"), "unknown site"),
-        (("--store", good, "--write-sites", "blocks.0.hook_resid_post"), "it has no blocks.0.hook_resid_post"),
+        (
+            ("--store", good, "--write-sites", "blocks.0.hook_resid_post"),
+            "has no blocks.0.hook_resid_post: it holds blocks.1.hook_resid_post",
+        ),
     ]
     for i, (args, message) in enumerate(cases):
         code, out = run(*train, "--out", tmp_path / f"run{i}", *args)
@@ -323,6 +326,8 @@ def test_steering_a_clt_feature_writes_its_layer_and_the_later_ones(tmp_path):
     clamped = m.run(TEXT, write=clamps).logits[0, -1].log_softmax(-1)
     r = intervene(m, TEXT, FeatureSteer.clamp(d, feature, 2.0), k=5)
     assert r.after.top[0].logprob == pytest.approx(float(clamped[r.after.top[0].id]), abs=1e-5)
+    g = generate(m, TEXT, [FeatureSteer.clamp(d, feature, 50.0)], max_new_tokens=3)  # one-token passes after the prompt
+    assert len(g.after_ids) == len(g.before_ids)
 
 
 def test_convert_dict_writes_circuit_tracer_sets_and_clts(tmp_path, run):
@@ -363,5 +368,7 @@ def test_a_store_of_many_sites_feeds_a_dictionary_of_some(tmp_path):
     picked = next(StoreSource(tmp_path / "both", sites=[SITE]).chunks(0))[1]
     alone = next(StoreSource(tmp_path / "one").chunks(0))[1]
     assert picked.shape == alone.shape and torch.equal(picked, alone)
-    with pytest.raises(MechscopeError, match="it has no blocks.2.hook_resid_post"):
+    with pytest.raises(
+        MechscopeError, match="has no blocks.2.hook_resid_post: it holds blocks.0.hook_resid_post, blocks.1.hook_resid_post"
+    ):
         StoreSource(tmp_path / "both", sites=["blocks.2.hook_resid_post"])

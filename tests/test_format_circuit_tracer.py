@@ -78,7 +78,7 @@ def test_a_transcoder_set_computes_the_same_in_their_layout_and_back(tmp_path, c
 def test_what_a_transcoder_set_must_be(tmp_path):
     sae = Dictionary(DictConfig(["blocks.0.hook_resid_post"], ["blocks.0.hook_resid_post"], D, D, F, "topk", {"k": 4}))
     cases = [
-        ([sae], "a sae cannot be exported as a circuit-tracer transcoder"),
+        ([sae], "a sae cannot be exported as a circuit-tracer transcoder set"),
         ([transcoder(0, "topk", {"k": 4}, False)], "TopK transcoders cannot be exported for circuit-tracer"),
         ([transcoder(1, "relu", {}, False)], "needs a transcoder for every layer from 0: these cover layers [1]"),
         ([transcoder(0, "relu", {}, False), transcoder(0, "relu", {}, False)], "two transcoders of layer 0"),
@@ -162,7 +162,10 @@ def test_what_cannot_be_written_or_read_as_which_kind(tmp_path):
         (lambda: export_clt(crosscoder, tmp_path / "x"), "a crosscoder cannot be exported as a circuit-tracer cross-layer"),
         (lambda: export_saelens(clt("relu"), tmp_path / "x"), "a clt cannot be exported for SAELens: it has no clt format"),
         (lambda: export_saelens(crosscoder, tmp_path / "x"), "it has no crosscoder format"),
-        (lambda: export_transcoder_set([clt("relu")], tmp_path / "x"), "a clt cannot be exported as a circuit-tracer transcoder"),
+        (
+            lambda: export_transcoder_set([clt("relu")], tmp_path / "x"),
+            "a clt cannot be exported as a circuit-tracer transcoder set",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(MechscopeError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:

@@ -110,6 +110,7 @@ def test_bad_settings_get_one_line(tmp_path):
         (dict(kind="clt", layers=[0, 1], k=200), "k=200 is invalid for 128 latents per layer"),
         (dict(kind="clt", layers=[0, 1], d_sae=129), "d_sae=129 does not split into 2 equal blocks"),
         (dict(kind="clt", layers=[0, 1], activation="batchtopk"), "cannot have batchtopk"),
+        (dict(jumprelu_penalty="tanh", sites=[SITE]), "jumprelu_penalty='tanh' applies to jumprelu only, not topk"),
     ]
     for overrides, message in kinds:
         overrides.setdefault("sites", None)

@@ -230,7 +230,8 @@ class StoreSource:
         self.stored, self.d = list(self.manifest["sites"]), int(self.manifest["d"])
         self.sites = list(self.stored if sites is None else sites)
         if missing := [s for s in self.sites if s not in self.stored]:
-            raise MechscopeError(f"the store at {str(folder)!r} holds sites {self.stored}: it has no {missing[0]}")
+            held = ", ".join(self.stored[:3]) + (f", ... ({len(self.stored)} in all)" if len(self.stored) > 3 else "")
+            raise MechscopeError(f"the store at {str(folder)!r} has no {missing[0]}: it holds {held}")
         self.columns = None if self.sites == self.stored else [self.stored.index(s) for s in self.sites]
         self.shards_per_chunk = max(1, min(shards_per_chunk, len(self.shards)))
         shard_tokens = int(self.manifest["shard_tokens"])

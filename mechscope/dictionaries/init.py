@@ -72,6 +72,10 @@ def initialise(
         align_decoder(dictionary, inputs, targets, decoder_norm)
 
 
+ALIGN_TOKENS = 16384
+"""Sample tokens `align_decoder` reads, in chunks of 1,024."""
+
+
 @torch.no_grad()
 def align_decoder(dictionary: Dictionary, inputs: Tensor, targets: Tensor, decoder_norm: float = 1.0) -> None:
     """Point each latent's decoder row along the mean centred target of the tokens it fires on in the sample
@@ -83,11 +87,12 @@ def align_decoder(dictionary: Dictionary, inputs: Tensor, targets: Tensor, decod
     never picks it again, and AuxK cannot bring back a latent whose pre-activations are all negative: a
     transcoder of SmolLM2's layer 15 started so had half its latents dead after 15 steps. Aligned rows start
     each latent useful, as the decoder's transpose does for an SAE."""
-    active = dictionary.forward_normalised(inputs).active
-    centred = (targets - dictionary.b_dec).to(dictionary.W_dec.dtype)
-    sums = torch.zeros_like(dictionary.W_dec).index_add_(
-        0, active.cols, centred[active.rows] * active.values[:, None].clamp_min(0)
-    )
+    sums = torch.zeros_like(dictionary.W_dec)
+    for x, y in zip(inputs[:ALIGN_TOKENS].split(1024), targets[:ALIGN_TOKENS].split(1024), strict=True):
+        z = dictionary.pre_activations(x)  # [n, F]: dense products only, memory bounded by the chunk
+        rows, cols = dictionary.activation.select(z)
+        f = torch.zeros_like(z).index_put_((rows, cols), dictionary.activation.values(z[rows, cols], cols).clamp_min(0))
+        sums.addmm_(f.T, (y - dictionary.b_dec).to(sums.dtype))
     dictionary.mask_decoder_(sums)
     norms = sums.norm(dim=-1, keepdim=True)
     fired = norms[:, 0] > 0

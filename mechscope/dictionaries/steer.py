@@ -115,8 +115,11 @@ def _clamper(steer: FeatureSteer, reads: dict, site: str, direction: Tensor):
     d, cfg = steer.dictionary, steer.dictionary.cfg
 
     def clamp(x: Tensor) -> Tensor:
-        # a CLT feature reads one site, recorded before this one; the others (of later layers) do not matter
-        inputs = [x if s == site else reads[s] if s in reads or not cfg.layered else torch.zeros_like(x) for s in cfg.read_sites]
+        if cfg.layered:  # a CLT feature reads its own layer's site, recorded in this pass; the others do not matter
+            own = cfg.read_sites[int(d.latent_site(torch.tensor(steer.feature)))]
+            inputs = [reads[s] if s == own else torch.zeros_like(x) for s in cfg.read_sites]
+        else:
+            inputs = [x if s == site else reads[s] for s in cfg.read_sites]
         stacked = torch.stack(inputs, dim=-2) if len(inputs) > 1 else inputs[0]
         with torch.no_grad():
             f = d.encode_dense(stacked.float())[..., steer.feature]  # [batch, pos]

@@ -166,6 +166,11 @@ class TrainConfig:
             raise MechscopeError("give the sites to read, or a kind and its layers")
         if self.activation not in ACTIVATIONS:
             raise MechscopeError(f"unknown activation {self.activation!r}: valid activations are {one_of(ACTIVATIONS)}")
+        if self.jumprelu_penalty != "l0" and self.activation != "jumprelu":
+            raise MechscopeError(
+                f"jumprelu_penalty={self.jumprelu_penalty!r} applies to jumprelu only, not {self.activation}: "
+                "give activation jumprelu"
+            )
         if self.kind == "clt" and (self.activation == "batchtopk" or self.matryoshka or self.skip_connection):
             refused = ("batchtopk" if self.activation == "batchtopk" else
                        "Matryoshka prefixes" if self.matryoshka else "a skip connection")  # fmt: skip

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from mechscope.viz.report import save_png
+
 CURVES = (
     ("fvu", "eval_fvu", "FVU (train, held-out)"),
     ("l0", "eval_l0", "L0"),
@@ -41,8 +43,7 @@ def training_curves_png(metrics: list[dict], out: str | Path, title: str = "trai
         if key in ("fvu", "loss"):
             ax.set_yscale("log")
     fig.suptitle(title.replace("$", r"\$"), fontsize=11)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_png(fig, out)  # creates the folder
 
 
 def density_histogram_png(density: list[float], out: str | Path, title: str = "feature density") -> None:
@@ -59,8 +60,7 @@ def density_histogram_png(density: list[float], out: str | Path, title: str = "f
     ax.set_xlabel("log10(fraction of tokens a latent fires on)")
     ax.set_ylabel("latents")
     ax.set_title(f"{title.replace('$', chr(92) + '$')} · {len(density):,} latents, {dead:,} never fired", fontsize=10)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_png(fig, out)  # creates the folder
 
 
 def decoder_profile_png(profile, sites: list[str], out: str | Path, title: str = "decoder profile", share: float = 0.8) -> None:
@@ -103,5 +103,4 @@ def decoder_profile_png(profile, sites: list[str], out: str | Path, title: str =
     right.set_title("latents grouped by the site they write most: median, 10-90 %", fontsize=10)
     right.legend(fontsize=7, title="peak site (latents)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(title.replace("$", chr(92) + "$"), fontsize=10)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_png(fig, out)  # creates the folder

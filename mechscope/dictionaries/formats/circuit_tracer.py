@@ -74,7 +74,7 @@ def export_transcoder_set(dictionaries: list[Dictionary], folder: str | Path, mo
         cfg = d.cfg
         if cfg.reconstructs or len(cfg.read_sites) != 1 or len(cfg.write_sites) != 1:
             raise MechscopeError(
-                f"a {cfg.kind} cannot be exported as a circuit-tracer transcoder: it holds transcoders of one layer each"
+                f"a {cfg.kind} cannot be exported as a circuit-tracer transcoder set: a set holds one-layer transcoders only"
             )
         (layer, hook_in), (layer_out, hook_out) = _layer_and_hook(cfg.read_sites[0]), _layer_and_hook(cfg.write_sites[0])
         if layer != layer_out:
