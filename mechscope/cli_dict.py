@@ -119,6 +119,8 @@ def eval_dict(
     model: ModelOpt = "default",
 ):
     """FVU, L0, dead and dense fractions, CE-loss recovered, delta CE and KL of a dictionary on held-out text."""
+    import torch
+
     from mechscope.dictionaries.evaluate import ABLATIONS, evaluate_dictionary
     from mechscope.viz.dict_plots import decoder_profile_png, density_histogram_png
 
@@ -138,7 +140,10 @@ def eval_dict(
     if png:
         density_histogram_png(result.density, png, title=str(folder))
     if profile_png:
-        decoder_profile_png(d.decoder_profile(), d.cfg.write_sites, profile_png, title=f"{folder}: where its features write")
+        layers = d.latent_site(torch.arange(d.d_sae)) if d.cfg.layered else None  # a CLT: grouped by the layer read
+        decoder_profile_png(
+            d.decoder_profile(), d.cfg.write_sites, profile_png, title=f"{folder}: where its features write", layers=layers
+        )
     if as_json:
         print(json.dumps(result.summary(), indent=1))
         return

@@ -63,11 +63,13 @@ def density_histogram_png(density: list[float], out: str | Path, title: str = "f
     save_png(fig, out)  # creates the folder
 
 
-def decoder_profile_png(profile, sites: list[str], out: str | Path, title: str = "decoder profile", share: float = 0.8) -> None:
+def decoder_profile_png(
+    profile, sites: list[str], out: str | Path, title: str = "decoder profile", share: float = 0.8, layers=None
+) -> None:
     """Two panels for a dictionary writing W sites, from its decoder profile [F, W] (`Dictionary.decoder_profile`):
     how many latents need 1..W sites to hold `share` of their squared decoder norm, and the median (with
     the 10th-90th percentile band) of each site's norm relative to the latent's largest, latents grouped by
-    the site they write most."""
+    the site they write most, or, given `layers` [F] (a CLT's `latent_site`), by the layer they read."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +89,7 @@ def decoder_profile_png(profile, sites: list[str], out: str | Path, title: str =
     left.set_ylabel("latents")
     left.set_title(f"{F:,} latents", fontsize=10)
     labels = [s.replace("blocks.", "").replace(".hook_", " ") for s in sites]
-    peak = profile.argmax(dim=1)
+    peak = profile.argmax(dim=1) if layers is None else torch.as_tensor(layers)
     colours = plt.get_cmap("viridis")
     for w in range(W):
         group = relative[peak == w]
@@ -95,12 +97,15 @@ def decoder_profile_png(profile, sites: list[str], out: str | Path, title: str =
             continue
         low, mid, high = (group.quantile(q, dim=0) for q in (0.1, 0.5, 0.9))
         colour = colours(w / max(1, W - 1))
-        right.plot(range(W), mid.tolist(), "o-", color=colour, label=f"{labels[w]} ({len(group):,})")
+        name = labels[w] if layers is None else "layer " + labels[w].split(" ")[0]
+        right.plot(range(W), mid.tolist(), "o-", color=colour, label=f"{name} ({len(group):,})")
         right.fill_between(range(W), low.tolist(), high.tolist(), color=colour, alpha=0.15)
     right.set_xticks(range(W), labels, rotation=30, ha="right", fontsize=8)
     right.set_ylabel("decoder norm / the latent's largest")
     right.set_ylim(0, 1.05)
-    right.set_title("latents grouped by the site they write most: median, 10-90 %", fontsize=10)
-    right.legend(fontsize=7, title="peak site (latents)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    grouped = "the site they write most" if layers is None else "the layer they read"
+    right.set_title(f"latents grouped by {grouped}: median, 10-90 %", fontsize=10)
+    legend = "peak site (latents)" if layers is None else "reading (latents)"
+    right.legend(fontsize=7, title=legend, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(title.replace("$", chr(92) + "$"), fontsize=10)
     save_png(fig, out)  # creates the folder
