@@ -140,10 +140,10 @@ def eval_dict(
     if png:
         density_histogram_png(result.density, png, title=str(folder))
     if profile_png:
-        layers = d.latent_site(torch.arange(d.d_sae)) if d.cfg.layered else None  # a CLT: grouped by the layer read
-        decoder_profile_png(
-            d.decoder_profile(), d.cfg.write_sites, profile_png, title=f"{folder}: where its features write", layers=layers
-        )
+        alive = torch.tensor(result.density) > 0  # latents that never fired keep rows near their random start
+        layers = d.latent_site(torch.arange(d.d_sae))[alive] if d.cfg.layered else None  # a CLT: by the layer read
+        title = f"{folder}: where its features write (the {int(alive.sum()):,} that fired on {result.tokens:,} tokens)"
+        decoder_profile_png(d.decoder_profile()[alive], d.cfg.write_sites, profile_png, title=title, layers=layers)
     if as_json:
         print(json.dumps(result.summary(), indent=1))
         return

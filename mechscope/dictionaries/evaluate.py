@@ -14,8 +14,10 @@ attention sinks with outlier norms, are left out of every figure and kept clean 
   delta CE = CE_spliced − CE_clean; CE-loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean).
 - KL = KL(p_clean ‖ p_spliced) of the next-token distributions, per token, averaged.
 - sites carrying a latent (several written sites only): the fewest of its written sites whose squared
-  decoder norms hold 80 % of its total, counted over latents: 1 for a feature of one layer, up to W for
-  one spread over every layer (cross-layer superposition, Lindsey et al. 2024). From the weights alone.
+  decoder norms hold 80 % of its total, counted over the latents that fired on the evaluated tokens: 1 for
+  a feature of one layer, up to W for one spread over every layer (cross-layer superposition, Lindsey et
+  al. 2024). Latents that never fired are left out: their decoder rows are still about where they started
+  (random, spread evenly over the sites), and would read as spread features.
 
 FVU is computed from the clean forward pass's reads. For CE and KL, a dictionary that reconstructs what
 it reads (SAE, crosscoder) is spliced from those clean reads in a second pass, so a crosscoder, which
@@ -62,8 +64,9 @@ class EvalResult:
     density: list[float]
     """Each latent's firing fraction."""
     sites_carrying: list[int] | None = None
-    """For a dictionary that writes several sites: how many latents need 1, 2, ..., W of their written sites
-    to hold PROFILE_SHARE of their squared decoder norm (`sites_carrying`); None for one written site."""
+    """For a dictionary that writes several sites: how many of the latents that fired need 1, 2, ..., W of
+    their written sites to hold PROFILE_SHARE of their squared decoder norm (`sites_carrying`); None for one
+    written site."""
 
     def summary(self) -> dict:
         """Every figure but the per-latent densities."""
@@ -159,7 +162,8 @@ def evaluate_dictionary(
     gap = ce["ce_ablated"] - ce["ce_clean"]
     carrying = None
     if dictionary.n_write > 1:
-        counts = torch.bincount(sites_carrying(dictionary.decoder_profile()), minlength=dictionary.n_write + 1)
+        alive = dictionary.decoder_profile()[fired > 0]
+        counts = torch.bincount(sites_carrying(alive), minlength=dictionary.n_write + 1)
         carrying = counts[1:].tolist()
     return EvalResult(
         tokens=int(N), fvu=float(sums["err"].sum() / variance.sum()), fvu_per_site=per_site, l0=totals["l0"] / N,
