@@ -259,7 +259,8 @@ def test_a_clt_trains_and_its_replacement_model_is_spliced_layer_by_layer(tmp_pa
     from mechscope.data import corpus, held_out, pack
     from mechscope.dictionaries.evaluate import evaluate_dictionary
 
-    cfg = config(tokens=64 * 8, kind="clt", layers=[0, 1, 2], sites=None, activation=activation, k=2, jumprelu_penalty="tanh")
+    penalty = "tanh" if activation == "jumprelu" else "l0"
+    cfg = config(tokens=64 * 8, kind="clt", layers=[0, 1, 2], sites=None, activation=activation, k=2, jumprelu_penalty=penalty)
     d = train_dictionary(tiny_lm(), cfg, tmp_path, show_progress=False)
     assert d.cfg.kind == "clt" and d.d_sae == 3 * 4 * 32
     profile = d.decoder_profile()
