@@ -89,10 +89,6 @@ def quality(store: Path) -> dict:
         "k3-clt", ["--d-sae", str(4608 * 6), "--k", "32", *common_args], store, _layers("clt", CLT_LAYERS),
         eval_args=profile, runs=RUNS,
     )  # fmt: skip
-    runs["k3-clt-jumprelu"] = dict_quality.train_and_eval(
-        "k3-clt-jumprelu", ["--d-sae", str(4608 * 6), "--k", "32", "--tokens", TOKENS, "--no-png", "--activation", "jumprelu",
-                            "--jumprelu-penalty", "tanh"], store, _layers("clt", CLT_LAYERS), runs=RUNS,
-    )  # fmt: skip
     return runs
 
 
@@ -250,7 +246,10 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
             + ", ".join(f"{_pct(x['ce_recovered'])}" for x in saes)
             + ".",
             "",
-            "Layers carrying 80 % of a crosscoder feature's squared decoder norm (features counted): "
+            f"Dead on the held-out tokens: crosscoder {_pct(e['dead_fraction'])}, SAEs "
+            + ", ".join(_pct(x["dead_fraction"]) for x in saes)
+            + ". Layers carrying 80 % of a crosscoder feature's squared decoder norm (latents that fired on the held-out "
+            "tokens): "
             + ", ".join(f"{i + 1}: {n:,}" for i, n in enumerate(e["sites_carrying"]))
             + " (plot: `bench/figures/crosscoder_profile.png`).",
             "",
@@ -265,22 +264,14 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
             f"replaced at once, layer by layer: **CE recovered {_pct(e['ce_recovered'])}, KL {e['kl']:.3f}**, delta CE "
             f"{e['delta_ce']:.3f} (clean {e['ce_clean']:.3f}, zero-ablated {e['ce_ablated']:.3f} nats). FVU of each MLP output: "
             + ", ".join(f"{n}: {fvu:.3f}" for n, fvu in zip(CLT_LAYERS, e["fvu_per_site"], strict=True))
-            + f" (pooled {e['fvu']:.3f}); dead {_pct(e['dead_fraction'])}. Layers carrying 80 % of a feature's norm: "
+            + f" (pooled {e['fvu']:.3f}); dead {_pct(e['dead_fraction'])}. Layers carrying 80 % of a feature's norm "
+            "(latents that fired): "
             + ", ".join(f"{i + 1}: {n:,}" for i, n in enumerate(e["sites_carrying"]))
             + " (plot: `bench/figures/clt_profile.png`).",
             "",
             f"`{k3['train_cmd']}`; `{k3['eval_cmd']}`",
             "",
         ]
-        if "k3-clt-jumprelu" in runs:
-            j = runs["k3-clt-jumprelu"]
-            e = j["eval"]
-            lines += [
-                f"The same CLT with JumpReLU and the tanh penalty (coefficient 1, c = 4; started at about 32 active latents per "
-                f"layer): L0 {e['l0']:.1f}, CE recovered {_pct(e['ce_recovered'])}, KL {e['kl']:.3f}, FVU {e['fvu']:.3f}, dead "
-                f"{_pct(e['dead_fraction'])}. `{j['train_cmd']}`",
-                "",
-            ]
     if fast:
         peak = fast["peak"]
         lines += [f"### V1, V2. Training speed, {fast['steps']} steps of {fast['batch']:,} tokens, in-memory activations", ""]
