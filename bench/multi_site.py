@@ -134,24 +134,6 @@ def _flops_clt(d: int, per_layer: int, k: int, layers: int) -> float:
     return 2 * BATCH * d * per_layer * layers + BATCH * k * (3 * 2 * d * written + 2 * d * layers)
 
 
-def _peak() -> dict:
-    import torch
-
-    x, w = torch.randn(BATCH, 576), torch.randn(576, 9216)
-    out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a, b = x.to(dtype), w.to(dtype)
-        for _ in range(3):
-            a @ b
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        out[name] = 2 * BATCH * 576 * 9216 / min(times)
-    return out
-
-
 def speed(store: Path) -> dict:
     import torch
 
@@ -168,7 +150,11 @@ def speed(store: Path) -> dict:
     mids = [f"blocks.{n}.hook_resid_mid" for n in CLT_LAYERS]
     outs = [f"blocks.{n}.hook_mlp_out" for n in CLT_LAYERS]
     clt_sites = mids + outs  # the trainer's order: reads, then writes
-    result = {"threads": torch.get_num_threads(), "peak": _peak(), "steps": STEPS, "batch": BATCH}
+    from sae_speed import run_peak  # this machine's float32 and bfloat16 matmul peaks, as S2 measures them
+
+    peak = run_peak()
+    result = {"threads": torch.get_num_threads(), "peak": {k: peak[f"{k}_flops"] for k in ("float32", "bfloat16")},
+              "steps": STEPS, "batch": BATCH}  # fmt: skip
     log("V1: crosscoder")
     result["crosscoder_s"] = _timed_train(pick(cross), cross, {"sites": cross, "d_sae": 23040, "k": 64})
     result["saes_s"] = []

@@ -22,12 +22,7 @@ def make(activation: str, reads=("s",), writes=("s",), skip=False, seed=0) -> Di
     out_scale = 2.0 if reads == writes else 0.5  # an SAE reads and writes one site, in one scale
     cfg = DictConfig(list(reads), list(writes), 16, 16, 64, activation, OPTIONS[activation], skip_connection=skip,
                      input_scale=[2.0] * len(reads), output_scale=[out_scale] * len(writes))  # fmt: skip
-    d = Dictionary(cfg).double()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-    return d
+    return make_from(cfg, seed)
 
 
 def dense_reference(d: Dictionary, x_read: torch.Tensor, active_mask: torch.Tensor):
