@@ -95,13 +95,15 @@ def train_dict(
         return
     last = log[-1]
     fvu, l0 = last.get("eval_fvu", float("nan")), last.get("eval_l0", float("nan"))
+    where = ", ".join(d.cfg.read_sites)
+    if not d.cfg.reconstructs:  # a transcoder or CLT: what it writes too
+        where += " -> " + ", ".join(d.cfg.write_sites)
     console.print(
         f"dictionary {shown(out / 'dictionary')}: {d.cfg.kind}, {d.d_sae:,} latents ({d.cfg.activation}) on "
-        f"{shown(', '.join(d.cfg.read_sites))} · {last['tokens']:,} tokens · held-out FVU {fvu:.4f} · L0 {l0:.1f}"
-        f" · dead {last['dead']:.1%}"
+        f"{shown(where)} · {last['tokens']:,} tokens · held-out FVU {fvu:.4f} · L0 {l0:.1f} · dead {last['dead']:.1%}"
     )
     if png:
-        training_curves_png(log, out / "curves.png", title=f"{m.name} · {', '.join(d.cfg.read_sites)}")
+        training_curves_png(log, out / "curves.png", title=f"{m.name} · {where}")
         console.print(f"curves: {shown((out / 'curves.png').resolve())}")
 
 
