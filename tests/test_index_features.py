@@ -318,3 +318,14 @@ def test_a_clt_is_indexed_feature_by_feature(tmp_path):
         np.testing.assert_allclose(units["max"], f.max(0).values.numpy(), atol=1e-5)
     _, via = feature_logits(m, load_any(folder), 40)
     assert via == "blocks.1.hook_mlp_out"
+
+
+def test_the_shipped_dictionarys_digest_is_stable():
+    """Indexes built with the demo's dictionary in earlier versions still match it: fields added to the config
+    since (at their defaults) leave the digest alone."""
+    from pathlib import Path
+
+    import mechscope
+
+    asset = Path(mechscope.__file__).parent / "assets" / "sae-smollm2-l15"
+    assert dictionary_digest(load_any(asset)) == "7542c00a938282f4"

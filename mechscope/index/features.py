@@ -63,9 +63,12 @@ def default_name(folder: str | Path) -> str:
 def dictionary_digest(dictionary: Dictionary) -> str:
     """A short sha256 of the dictionary's config and weights, its normalisation folded in (`Dictionary.folded`, as
     saved): equal for the same dictionary in memory, in any folder, or in any format holding the same numbers.
-    The precision the weights were stored in (`DictConfig.dtype`) is left out: loaded weights are float32."""
+    The precision the weights were stored in (`DictConfig.dtype`) is left out: loaded weights are float32. So is
+    `layered` when false (added with cross-layer transcoders), so that indexes built before it still match."""
     folded = dictionary.folded()
     config = {**folded.cfg.to_dict(), "dtype": "float32"}
+    if not config.get("layered"):
+        config.pop("layered", None)
     digest = hashlib.sha256(repr(sorted(config.items(), key=lambda kv: kv[0])).encode())
     for name, value in sorted(folded.state_dict().items()):
         digest.update(name.encode())
