@@ -194,7 +194,7 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
         "reads the sites it needs from it (STORE below). Figures on 32,768 held-out tokens, float32 model.",
         "",
     ]
-    if runs:
+    if "k1-transcoder" in runs and "k1-skip-transcoder" in runs:
         t, s = runs["k1-transcoder"], runs["k1-skip-transcoder"]
         lines += ["### K1. Transcoder of layer 15's MLP (normed input -> hook_mlp_out), 9,216 latents, k = 64", ""]
         lines += [
@@ -208,6 +208,7 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
                 f"{e['kl']:.3f} | {_pct(e['dead_fraction'])} |"
             )
         lines += ["", f"`{t['train_cmd']}` (and `--skip-connection`); `{t['eval_cmd']}`", ""]
+    if "k2-crosscoder" in runs and all(f"k2-sae-l{n}" in runs for n in CROSS_LAYERS):
         c = runs["k2-crosscoder"]
         e = c["eval"]
         saes = [runs[f"k2-sae-l{n}"]["eval"] for n in CROSS_LAYERS]
@@ -234,14 +235,21 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
             "",
             f"Dead on the held-out tokens: crosscoder {_pct(e['dead_fraction'])}, SAEs "
             + ", ".join(_pct(x["dead_fraction"]) for x in saes)
-            + ". Layers carrying 80 % of a crosscoder feature's squared decoder norm (latents that fired on the held-out "
-            "tokens): "
-            + ", ".join(f"{i + 1}: {n:,}" for i, n in enumerate(e["sites_carrying"]))
-            + " (plot: `bench/figures/crosscoder_profile.png`).",
+            + "."
+            + (
+                " Layers carrying 80 % of a crosscoder feature's squared decoder norm (latents that fired on the held-out "
+                "tokens): "
+                + ", ".join(f"{i + 1}: {n:,}" for i, n in enumerate(e["sites_carrying"]))
+                + " (plot: `bench/figures/crosscoder_profile.png`)."
+                if sum(e["sites_carrying"]) <= round(23040 * (1 - e["dead_fraction"]))
+                else " The histogram of layers carrying a feature is not shown: this evaluation also counted the latents "
+                "that never fired, whose rows are still random."
+            ),
             "",
             f"`{c['train_cmd']}`; SAEs: `{runs['k2-sae-l13']['train_cmd']}` for each layer.",
             "",
         ]
+    if "k3-clt" in runs:
         k3 = runs["k3-clt"]
         e = k3["eval"]
         lines += ["### K3. Cross-layer transcoder over layers 12-17", ""]
@@ -288,7 +296,7 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=None, help="the store (harvested here if not given)")
-    parser.add_argument("--only", choices=["quality", "speed"], default=None)
+    parser.add_argument("--only", choices=["quality", "speed", "render"], default=None)
     args = parser.parse_args()
     store = args.store or RUNS / "store"
     manifest = store / "manifest.json"
@@ -297,7 +305,7 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     load_start = common.load_average()
     runs_file, speed_file = RUNS / "quality.json", RUNS / "speed.json"
-    runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    runs = {path.parent.name: json.loads(path.read_text()) for path in sorted(RUNS.glob("*/eval.json"))}  # runs done
     fast = json.loads(speed_file.read_text()) if speed_file.exists() else None
     if args.only in (None, "quality"):
         runs = quality(store)
