@@ -121,10 +121,7 @@ class DictConfig:
             )
         if self.d_sae % R:
             raise MechscopeError(f"d_sae={self.d_sae} does not split into {R} equal blocks, one per layer")
-        refused = ("a skip connection" if self.skip_connection else "Matryoshka prefixes" if self.matryoshka else
-                   "batchtopk" if self.activation == "batchtopk" else None)  # fmt: skip
-        if refused:
-            raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
+        check_clt_options(self.activation, self.matryoshka, self.skip_connection)
 
     @property
     def reconstructs(self) -> bool:
@@ -141,6 +138,14 @@ class DictConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_clt_options(activation: str, matryoshka, skip_connection: bool) -> None:
+    """One-line error for what a cross-layer transcoder cannot have: batchtopk, Matryoshka prefixes, a skip."""
+    refused = ("a skip connection" if skip_connection else "Matryoshka prefixes" if matryoshka else
+               "batchtopk" if activation == "batchtopk" else None)  # fmt: skip
+    if refused:
+        raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
 
 
 class DictOutput(NamedTuple):

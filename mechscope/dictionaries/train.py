@@ -35,7 +35,7 @@ from mechscope.activations import ModelSource, StoreSource, StreamSpec, batches,
 from mechscope.data import SKIP_POSITIONS, corpus, held_out
 from mechscope.dictionaries import checkpoint
 from mechscope.dictionaries.activations import ACTIVATIONS
-from mechscope.dictionaries.dictionary import DictConfig, Dictionary
+from mechscope.dictionaries.dictionary import DictConfig, Dictionary, check_clt_options
 from mechscope.dictionaries.formats.own import save_dictionary
 from mechscope.dictionaries.init import initialise, mean_norm_scales, start_sparse
 from mechscope.dictionaries.sparse import Active, sparse_decode
@@ -171,10 +171,8 @@ class TrainConfig:
                 f"jumprelu_penalty={self.jumprelu_penalty!r} applies to jumprelu only, not {self.activation}: "
                 "give activation jumprelu"
             )
-        if self.kind == "clt" and (self.activation == "batchtopk" or self.matryoshka or self.skip_connection):
-            refused = ("batchtopk" if self.activation == "batchtopk" else
-                       "Matryoshka prefixes" if self.matryoshka else "a skip connection")  # fmt: skip
-            raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
+        if self.kind == "clt":
+            check_clt_options(self.activation, self.matryoshka, self.skip_connection)
         if self.dead_tokens is None:
             self.dead_tokens = min(1_000_000, max(self.batch_size, self.tokens // 10))
         for name in ("expansion", "k", "tokens", "batch_size", "eval_every", "eval_tokens", "dead_tokens", "ctx_len"):
@@ -278,7 +276,7 @@ class Trainer:
         self.write = [name(s) for s in (cfg.write_sites or cfg.sites)]
         self.all_sites = list(dict.fromkeys(self.read + self.write))
         self.d = site_width(model, self.all_sites) if model is not None else source.d
-        blocks = len(self.read) if cfg.kind == "clt" else 1
+        self.blocks = blocks = len(self.read) if cfg.kind == "clt" else 1
         self.latents = cfg.d_sae or cfg.expansion * self.d * blocks
         if self.latents % blocks:
             raise MechscopeError(f"d_sae={self.latents} does not split into {blocks} equal blocks, one per layer")
@@ -367,7 +365,7 @@ class Trainer:
 
     def run(self) -> Dictionary:
         cfg = self.cfg
-        base_lr = cfg.lr or default_lr(cfg.activation, self.latents // (len(self.read) if cfg.kind == "clt" else 1))
+        base_lr = cfg.lr or default_lr(cfg.activation, self.latents // self.blocks)
         state = checkpoint.load(self.out / "checkpoint")
         if state is None and (done := self._finished()) is not None:
             return done
