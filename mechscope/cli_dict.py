@@ -109,7 +109,7 @@ def train_dict(
 
 def eval_dict(
     folder: Annotated[str, typer.Argument(help="A dictionary folder (OUT/dictionary of train-dict).")],
-    tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on.")] = 32_768,
+    tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on (rounded up to whole contexts).")] = 32_768,
     corpus: Annotated[str, typer.Option(help="Corpus whose held-out documents (every 20th) are read.")] = "builtin:all",
     ablation: Annotated[str, typer.Option(help="What CE-loss recovered compares with: zero or mean ablation.")] = "zero",
     ctx_len: Annotated[int, typer.Option(help="Tokens per context, the start token included.")] = 128,
@@ -156,8 +156,9 @@ def eval_dict(
         if name == "fvu_per_site":  # one row per written site, named
             for site, fvu in zip(d.cfg.write_sites, value, strict=True):
                 table.add_row(literal(f"fvu {site}"), f"{fvu:.4f}")
-        elif name == "sites_carrying" and value is not None:  # how many features need 1, 2, ... sites
-            table.add_row("features carried by 1, 2, ... sites", literal(" / ".join(f"{n:,}" for n in value)))
+        elif name == "sites_carrying":  # how many features need 1, 2, ... sites; None for a one-site dictionary
+            if value is not None:
+                table.add_row("features carried by 1, 2, ... sites", literal(" / ".join(f"{n:,}" for n in value)))
         else:
             table.add_row(name, f"{value:.4f}" if isinstance(value, float) else literal(str(value)))
     table.add_row("kind", d.cfg.kind)
@@ -244,25 +245,49 @@ def steer(
     console.print(table)
 
 
-def _feature_index(db: Path | None, m):
-    """The index to read: --db, else the model's default index if there is one, else None."""
+def _feature_index(db: Path | None, m, dictionary=None):
+    """The index to read: --db, else the first index of the model's (its default one, then the others beside
+    it, such as the demo's) that holds `dictionary`'s features, else the default one if it exists, else None."""
     from mechscope.index.build import default_index_path
     from mechscope.index.query import Index
 
     path = db or default_index_path(m.name)
-    if db is None and not path.exists():
-        return None
+    if db is None:
+        found = _index_holding(dictionary, [path, *sorted(path.parent.glob(f"{m.name}-*.duckdb"))])
+        path = found or path
+        if not path.exists():
+            return None
     index = Index(path, model=m, warn=False)
     if index.unfinished:
         Console(stderr=True).print(f"[yellow]note:[/] {shown(index.unfinished)}", highlight=False, soft_wrap=True)
     return index
 
 
+def _index_holding(dictionary, paths: list[Path]) -> Path | None:
+    """The first of `paths` that is a mechscope index holding `dictionary`'s features."""
+    from contextlib import closing
+
+    from mechscope.index import store
+    from mechscope.index.features import indexed_features
+
+    for path in paths if dictionary is not None else []:
+        if not path.is_file() or store.stored_format(path) != store.FORMAT:
+            continue
+        with closing(store.open_index(path)) as con:
+            if indexed_features(store.read_meta(con), dictionary):
+                return path
+    return None
+
+
 def feature(
     folder: Annotated[str, typer.Argument(help="A dictionary folder (mechscope, SAELens or sparsify).")],
     number: Annotated[int, typer.Argument(metavar="F", help="The feature's number, 0..d_sae-1.")],
     db: Annotated[
-        Path | None, typer.Option(help="An index built with `index build --dict DIR`. Default: the model's index, if any.")
+        Path | None,
+        typer.Option(
+            help="An index built with `index build --dict DIR`. Default: the first of the model's indexes that holds "
+            "the dictionary (the demo's too), else the model's index."
+        ),
     ] = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Top examples to show.")] = 20,
     near: Annotated[int, typer.Option(help="Nearest features to list.")] = 5,
@@ -283,7 +308,7 @@ def feature(
     m = _load(model)
     dictionary = load_any(folder, model=m)
     check_feature(dictionary, number, folder)
-    index = _feature_index(db, m)
+    index = _feature_index(db, m, dictionary)
     try:
         card = feature_card(m, dictionary, number, index, name=default_name(folder), n_near=near)
         examples = index.top(card.name, n) if card.unit is not None else []

@@ -208,6 +208,20 @@ def test_feature_commands(folders, run, tmp_path):
     assert "index build --dict" in html.read_text()
 
 
+def test_feature_finds_an_index_of_the_models_that_holds_its_dictionary(folders, run, tmp_path, monkeypatch):
+    from mechscope.index.build import default_index_path
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    name = tiny_lm().name
+    code, out = run("index", "build", "--dict", f"tc={folders[1]}", "--tokens", 512, "--ctx-len", 32, "--k", 5,
+                    "--out", default_index_path(name).with_name(f"{name}-tc.duckdb"))  # fmt: skip
+    assert code == 0, out
+    code, out = run("feature", folders[1], 3, "--n", 2)  # no --db, and no default index: the one beside it
+    assert code == 0 and "f:tc:3" in out and "top 2 examples" in out, out
+    code, out = run("feature", folders[0], 3)  # a dictionary no index holds
+    assert code == 0 and "index build --dict" in out, out
+
+
 def _broken(tmp_path, folders):
     """Dictionaries that do not fit the tiny model, or whose files are damaged."""
     other = random_dictionary(["blocks.1.hook_resid_post"], ["blocks.1.hook_resid_post"])

@@ -106,7 +106,8 @@ def evaluate_dictionary(
     show_progress: bool = False,
 ) -> EvalResult:
     """Evaluate `dictionary` on `model` over held-out documents of the corpus `text` (every 20th document,
-    the ones training leaves out). See the module docstring for each figure's definition."""
+    the ones training leaves out), `tokens` rounded up to whole contexts of `ctx_len` − skip positions. See the
+    module docstring for each figure's definition."""
     if ablation not in ABLATIONS:
         raise MechscopeError(f"unknown ablation {ablation!r}: valid ablations are zero, mean")
     if not isinstance(tokens, int) or tokens < 1:

@@ -28,18 +28,21 @@ def training_curves_png(metrics: list[dict], out: str | Path, title: str = "trai
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
-    tokens = [m["tokens"] / 1e6 for m in metrics]
+    scale, unit = (1e6, "millions") if max((m["tokens"] for m in metrics), default=0) >= 1e6 else (1e3, "thousands")
+    tokens = [m["tokens"] / scale for m in metrics]
     for ax, (key, held, label) in zip(axes.flat, CURVES, strict=True):
         ax.plot(tokens, [m.get(key, math.nan) for m in metrics], lw=1, label="train")
         if held:
-            points = [(m["tokens"] / 1e6, m[held]) for m in metrics if held in m]
+            points = [(m["tokens"] / scale, m[held]) for m in metrics if held in m]
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1, label="held-out")
                 ax.legend(fontsize=8)
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("training tokens (millions)", fontsize=8)
+        ax.set_xlabel(f"training tokens ({unit})", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # short runs: a few labels, not one per step
         if key in ("fvu", "loss"):
             ax.set_yscale("log")
     fig.suptitle(title.replace("$", r"\$"), fontsize=11)

@@ -125,6 +125,8 @@ def _quantiles(s: Stratum) -> str:
 
 def examples_renderables(hist: Histogram, examples: Sequence[Example], strata: Sequence[Stratum] = ()) -> list:
     """What a unit's page prints after its tables: histogram, top examples, then samples by range (rich renderables)."""
+    if not examples:  # e.g. a dictionary latent that never fired on the indexed text
+        return [histogram_text(hist), "\n[bold]no top examples[/]: the unit was never active on the indexed tokens"]
     out = [histogram_text(hist), f"\n[bold]top {len(examples)} examples[/] (rank, activation, then the tokens around it)"]
     out.append(examples_text(examples))
     if strata:
