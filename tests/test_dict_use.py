@@ -372,3 +372,20 @@ def test_a_store_of_many_sites_feeds_a_dictionary_of_some(tmp_path):
         MechscopeError, match="has no blocks.2.hook_resid_post: it holds blocks.0.hook_resid_post, blocks.1.hook_resid_post"
     ):
         StoreSource(tmp_path / "both", sites=["blocks.2.hook_resid_post"])
+
+
+def test_a_harvest_resumed_over_a_damaged_shard_writes_it_again(tmp_path):
+    """A listed shard truncated (or removed) after the fact is harvested again on resume, not taken as whole."""
+    from mechscope.activations import HarvestSettings, StoreSource, StreamSpec, harvest
+
+    spec, settings = StreamSpec((SITE,), "builtin", ctx_len=32), HarvestSettings(tokens=448, shard_contexts=4)
+    reference = harvest(tiny_lm(), spec, tmp_path / "ref", settings, progress=False)
+    harvest(tiny_lm(), spec, tmp_path / "s", settings, progress=False)
+    shard = tmp_path / "s" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    (tmp_path / "s" / "shard-00002.safetensors").unlink()
+    again = harvest(tiny_lm(), spec, tmp_path / "s", settings, progress=False)
+    assert again["complete"] and again["shards"] == reference["shards"] and again["corpus_hash"] == reference["corpus_hash"]
+    chunks = [itertools.islice(StoreSource(tmp_path / name).chunks(0), 6) for name in ("s", "ref")]  # endless epochs
+    for a, b in zip(*chunks, strict=True):
+        assert torch.equal(a[1], b[1])

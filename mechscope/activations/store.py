@@ -144,6 +144,7 @@ def _open_store(out: Path, want: dict) -> dict:
         if differ:
             shown = ", ".join(f"{k} {manifest.get(k)!r} (asked {want[k]!r})" for k in differ[:3])
             raise MechscopeError(f"the store at {str(out)!r} was harvested with other settings: {shown}; use another folder")
+        _keep_whole(out, manifest)
         _drop_partial(out, len(manifest["shards"]))
         return manifest
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,25 @@ def _open_store(out: Path, want: dict) -> dict:
     }
     _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _keep_whole(out: Path, manifest: dict) -> None:
+    """Cut the manifest's shard list before its first shard that is missing or cannot be read whole (a file
+    truncated or damaged after it was listed), so that the harvest writes it and those after it again."""
+    rows = (int(manifest["shard_tokens"]), len(manifest["sites"]), int(manifest["d"]))
+    for i, shard in enumerate(manifest["shards"]):
+        try:
+            with safe_open(str(out / shard["file"]), "pt") as f:
+                whole = tuple(f.get_slice("acts").get_shape()) == rows and len(f.get_slice("tokens").get_shape()) == 1
+        except Exception:  # missing, truncated or not safetensors: safetensors raises its own error types
+            whole = False
+        if not whole:
+            del manifest["shards"][i:]
+            manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+            manifest["corpus_hash"] = manifest["shards"][-1]["chain"] if manifest["shards"] else ""
+            manifest["complete"] = False
+            _write_json(out / MANIFEST, manifest)
+            return
 
 
 def _drop_partial(out: Path, done: int) -> None:
