@@ -72,7 +72,8 @@ def decoder_profile_png(
     """Two panels for a dictionary writing W sites, from its decoder profile [F, W] (`Dictionary.decoder_profile`):
     how many latents need 1..W sites to hold `share` of their squared decoder norm, and the median (with
     the 10th-90th percentile band) of each site's norm relative to the latent's largest, latents grouped by
-    the site they write most, or, given `layers` [F] (a CLT's `latent_site`), by the layer they read."""
+    the site they write most, or, given `layers` [F] (a CLT's `latent_site`), by the layer they read (each
+    group drawn from the first site it can write)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,11 +99,12 @@ def decoder_profile_png(
         group = relative[peak == w]
         if len(group) == 0:
             continue
-        low, mid, high = (group.quantile(q, dim=0) for q in (0.1, 0.5, 0.9))
+        first = 0 if layers is None else w  # a CLT's latents of layer w cannot write the sites before it
+        low, mid, high = (group[:, first:].quantile(q, dim=0).tolist() for q in (0.1, 0.5, 0.9))
         colour = colours(w / max(1, W - 1))
         name = labels[w] if layers is None else "layer " + labels[w].split(" ")[0]
-        right.plot(range(W), mid.tolist(), "o-", color=colour, label=f"{name} ({len(group):,})")
-        right.fill_between(range(W), low.tolist(), high.tolist(), color=colour, alpha=0.15)
+        right.plot(range(first, W), mid, "o-", color=colour, label=f"{name} ({len(group):,})")
+        right.fill_between(range(first, W), low, high, color=colour, alpha=0.15)
     right.set_xticks(range(W), labels, rotation=30, ha="right", fontsize=8)
     right.set_ylabel("decoder norm / the latent's largest")
     right.set_ylim(0, 1.05)
