@@ -196,3 +196,8 @@ def test_pattern_of_a_head(monkeypatch, capsys, tmp_path):
     assert code == 0 and "strongest keys" in out and (tmp_path / "p.png").exists() and (tmp_path / "p.html").exists()
     code, _, err = run_main(monkeypatch, capsys, "pattern", "5.9", PROMPT)
     assert code == 2 and "head 9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_dash_m_runs_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "mechscope", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train-dict" in done.stdout, done.stderr

@@ -7,6 +7,7 @@ the SmolLM2 quality figures are in bench/RESULTS.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -86,6 +87,9 @@ def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         train_dictionary(tiny_lm(), cfg, tmp_path / "resumed", show_progress=False)
     assert (tmp_path / "resumed" / "checkpoint").exists()
     monkeypatch.setattr(train_module, "batches", real)
+    other = dataclasses.replace(cfg, k=cfg.k // 2)
+    with pytest.raises(MechscopeError, match=r"checkpoint in .* is of a run with other settings: k \d+ \(now \d+\)"):
+        train_dictionary(tiny_lm(), other, tmp_path / "resumed", show_progress=False)  # never resumed as the old k
     resumed = train_dictionary(tiny_lm(), cfg, tmp_path / "resumed", show_progress=False)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -111,6 +115,12 @@ def test_bad_settings_get_one_line(tmp_path):
         (dict(kind="clt", layers=[0, 1], d_sae=129), "d_sae=129 does not split into 2 equal blocks"),
         (dict(kind="clt", layers=[0, 1], activation="batchtopk"), "cannot have batchtopk"),
         (dict(jumprelu_penalty="tanh", sites=[SITE]), "jumprelu_penalty='tanh' applies to jumprelu only, not topk"),
+    ]
+    kinds += [
+        (dict(kind="crosscoder", layers=[0, 1], skip_connection=True), "a skip connection is for a transcoder"),
+        (dict(sites=[SITE], skip_connection=True), "an SAE or crosscoder with one would learn to copy its input"),
+        (dict(layers=[1]), "layers name the sites of a kind: give kind sae, transcoder, crosscoder or clt too"),
+        (dict(kind="sae"), "kind 'sae' needs the layers it covers"),
     ]
     for overrides, message in kinds:
         overrides.setdefault("sites", None)

@@ -22,7 +22,13 @@ STATE, META = "state.safetensors", "state.json"
 
 
 def save(
-    folder: Path, dictionary, optimizer: torch.optim.Optimizer, since_fired: torch.Tensor, step: int, metrics_lines: int
+    folder: Path,
+    dictionary,
+    optimizer: torch.optim.Optimizer,
+    since_fired: torch.Tensor,
+    step: int,
+    metrics_lines: int,
+    train_cfg: dict | None = None,
 ) -> None:
     tensors = {f"dict.{k}": v.detach().contiguous() for k, v in dictionary.state_dict().items()}
     names = [n for n, _ in dictionary.named_parameters()]
@@ -36,7 +42,7 @@ def save(
             steps[name] = float(state["step"])
     tensors["since_fired"] = since_fired.contiguous()
     cfg = dictionary.cfg.to_dict() | {"activation_options": dictionary.activation.options()}
-    meta = {"step": step, "adam_steps": steps, "dict_cfg": cfg, "metrics_lines": metrics_lines}
+    meta = {"step": step, "adam_steps": steps, "dict_cfg": cfg, "metrics_lines": metrics_lines, "train_cfg": train_cfg}
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / STATE))
         (tmp / META).write_text(json.dumps(meta))

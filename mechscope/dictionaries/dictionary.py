@@ -140,12 +140,20 @@ class DictConfig:
         return dataclasses.asdict(self)
 
 
+SKIP_NEEDS_OTHER_SITES = (
+    "a skip connection is for a transcoder, which writes other sites than it reads: an SAE or crosscoder "
+    "with one would learn to copy its input"
+)
+
+
 def check_clt_options(activation: str, matryoshka, skip_connection: bool) -> None:
     """One-line error for what a cross-layer transcoder cannot have: batchtopk, Matryoshka prefixes, a skip."""
-    refused = ("a skip connection" if skip_connection else "Matryoshka prefixes" if matryoshka else
-               "batchtopk" if activation == "batchtopk" else None)  # fmt: skip
-    if refused:
-        raise MechscopeError(f"a cross-layer transcoder cannot have {refused}: use relu, topk or jumprelu without them")
+    if skip_connection:
+        raise MechscopeError("a cross-layer transcoder cannot have a skip connection: train it without one")
+    if matryoshka:
+        raise MechscopeError("a cross-layer transcoder cannot have Matryoshka prefixes: train it without them")
+    if activation == "batchtopk":
+        raise MechscopeError("a cross-layer transcoder cannot have batchtopk: use relu, topk or jumprelu")
 
 
 class DictOutput(NamedTuple):

@@ -35,7 +35,7 @@ from mechscope.activations import ModelSource, StoreSource, StreamSpec, batches,
 from mechscope.data import SKIP_POSITIONS, corpus, held_out
 from mechscope.dictionaries import checkpoint
 from mechscope.dictionaries.activations import ACTIVATIONS
-from mechscope.dictionaries.dictionary import DictConfig, Dictionary, check_clt_options
+from mechscope.dictionaries.dictionary import SKIP_NEEDS_OTHER_SITES, DictConfig, Dictionary, check_clt_options
 from mechscope.dictionaries.formats.own import save_dictionary
 from mechscope.dictionaries.init import initialise, mean_norm_scales, start_sparse
 from mechscope.dictionaries.sparse import Active, sparse_decode
@@ -161,6 +161,10 @@ class TrainConfig:
         if self.kind is not None or self.layers is not None:
             if self.sites not in (None, DEFAULT_SITES) or self.write_sites is not None:
                 raise MechscopeError("give either sites (and write_sites) or kind and layers, not both")
+            if self.kind is None:
+                raise MechscopeError("layers name the sites of a kind: give kind sae, transcoder, crosscoder or clt too")
+            if self.layers is None:
+                raise MechscopeError(f"kind {self.kind!r} needs the layers it covers: give layers too")
             self.sites, self.write_sites = kind_sites(self.kind, self.layers, self.transcoder_input)
         elif not self.sites:
             raise MechscopeError("give the sites to read, or a kind and its layers")
@@ -173,6 +177,8 @@ class TrainConfig:
             )
         if self.kind == "clt":
             check_clt_options(self.activation, self.matryoshka, self.skip_connection)
+        elif self.skip_connection and (self.write_sites is None or list(self.write_sites) == list(self.sites)):
+            raise MechscopeError(SKIP_NEEDS_OTHER_SITES)
         if self.dead_tokens is None:
             self.dead_tokens = min(1_000_000, max(self.batch_size, self.tokens // 10))
         for name in ("expansion", "k", "tokens", "batch_size", "eval_every", "eval_tokens", "dead_tokens", "ctx_len"):
@@ -348,20 +354,23 @@ class Trainer:
         if not (self.out / "dictionary" / "cfg.json").is_file():
             return None
         saved = read_config(self.out / "dictionary").get("training", {}).get("config")
-        want = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
-        ignored = ("checkpoint_seconds", "eval_every")
-
-        def kept(config: dict) -> dict:
-            return {k: v for k, v in config.items() if k not in ignored}
-
-        if saved is not None:  # a field added since that run was saved counts at its default
-            saved = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **saved}
-        if saved is None or kept(saved) != kept(want):
+        if (differ := self._differs(saved)) is not None:
             raise MechscopeError(
-                f"{str(self.out)!r} holds a finished run with other settings: "
+                f"{str(self.out)!r} holds a finished run with other settings ({', '.join(differ[:4])}): "
                 "give another folder, or remove that one to train again"
             )
         return load_dictionary(self.out / "dictionary")
+
+    def _differs(self, saved: dict | None) -> list[str] | None:
+        """The options in which a saved run's config differs from this one (None: the same, or no config saved is
+        compared as different: ["config"]). Checkpoint spacing and evaluation cadence may change."""
+        if saved is None:
+            return ["config"]
+        ignored = ("checkpoint_seconds", "eval_every")
+        want = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        saved = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **saved}  # fields added since count at default
+        differ = [k for k in want if k not in ignored and saved.get(k) != want[k]]
+        return differ or None
 
     def run(self) -> Dictionary:
         cfg = self.cfg
@@ -372,6 +381,12 @@ class Trainer:
         if state is None:
             dictionary = self._new_dictionary(next(self.source.chunks(0))[1])
         else:
+            if state.get("train_cfg") is not None and (differ := self._differs(state["train_cfg"])):
+                shown = ", ".join(f"{k} {state['train_cfg'].get(k)!r} (now {getattr(cfg, k)!r})" for k in differ[:3])
+                raise MechscopeError(
+                    f"the checkpoint in {str(self.out)!r} is of a run with other settings: {shown}; run it with those to "
+                    "continue, give another folder, or remove its checkpoint to start over"
+                )
             self.dictionary = dictionary = Dictionary(DictConfig(**state["dict_cfg"]))
         unit_norm = cfg.unit_norm_decoder if cfg.unit_norm_decoder is not None else cfg.activation in ("topk", "batchtopk")
         loss_fn = _Loss(dictionary, cfg, self.d)
@@ -383,6 +398,11 @@ class Trainer:
         start = 0
         if state is not None:
             start = checkpoint.restore(state, dictionary, optimizer, since_fired)
+            if self.show:
+                from rich.console import Console
+
+                said = f"resuming from the checkpoint in {str(self.out)!r} at step {start:,} of {cfg.steps:,}"
+                Console(stderr=True).print(said, highlight=False, markup=False)
         eval_batch = self._split(next(self.eval_source.chunks(0))[1][: cfg.eval_tokens]) if self.eval_source else None
         metrics_file = self.out / "metrics.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -444,7 +464,8 @@ class Trainer:
     def _checkpoint(self, optimizer, since_fired: Tensor, step: int, metrics_file: Path) -> None:
         if self.ranks.main:
             lines = metrics_file.read_text().count("\n") if metrics_file.exists() else 0
-            checkpoint.save(self.out / "checkpoint", self.dictionary, optimizer, since_fired, step, metrics_lines=lines)
+            checkpoint.save(self.out / "checkpoint", self.dictionary, optimizer, since_fired, step, metrics_lines=lines,
+                            train_cfg=json.loads(json.dumps(dataclasses.asdict(self.cfg))))  # fmt: skip
         self.ranks.barrier()
 
 
