@@ -435,3 +435,11 @@ def test_sparsify_configs_mechscope_cannot_read_exactly_get_one_line(tmp_path):
         with pytest.raises(MechscopeError, match=message) as err:
             import_sparsify(tmp_path / "layers.1")
         assert "\n" not in str(err.value) and "layers.1" in str(err.value)
+
+
+def test_a_train_dict_run_folder_reads_as_the_dictionary_it_saved(tmp_path):
+    dictionary = our_dictionary("topk", {"k": 4})
+    save_own(dictionary, tmp_path / "run" / "dictionary")
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    loaded, saved = load_any(tmp_path / "run"), load_any(tmp_path / "run" / "dictionary")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values(), strict=True))

@@ -33,7 +33,8 @@ from mechscope.errors import MechscopeError
 def load_any(path: str | Path, model=None, site: str | None = None) -> Dictionary:
     """The dictionary in `path`, in any layout mechscope reads, checked against `model` if given.
 
-    `site` gives the site an imported dictionary reads where its files do not say, or picks one
+    `path` may also be a `train-dict` run folder (its `dictionary/` is read). `site` gives the site an
+    imported dictionary reads where its files do not say, or picks one
     hookpoint of a sparsify run folder. Raises `MechscopeError` (one line) for anything else.
 
     >>> sae = load_any("checkpoints/run", model=model, site="blocks.15.hook_resid_post")
@@ -43,6 +44,8 @@ def load_any(path: str | Path, model=None, site: str | None = None) -> Dictionar
         folder = folder.parent
     if not folder.is_dir():
         raise MechscopeError(f"no dictionary folder {str(path)!r}")
+    if not (folder / own.WEIGHTS).is_file() and (folder / "dictionary" / own.WEIGHTS).is_file():
+        folder = folder / "dictionary"  # a train-dict run folder: the dictionary it saved
     if (folder / own.WEIGHTS).is_file():
         read_json(folder / own.CONFIG)  # a config that is valid JSON but no object gets its one line here
         return load_dictionary(folder, model=model)
