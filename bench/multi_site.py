@@ -362,10 +362,14 @@ def render(runs: dict, fast: dict | None, stamp: str) -> str:
         if "adam_s" in fast:
             adam = fast["adam_s"]
             lines += [
-                "The CLT keeps one decoder of 27,648 x 6 sites, its blocks before each latent's layer held at zero: 95.6 M",
-                "weights, 55.7 M of which can be non-zero, against 15.9 M for the six transcoders. Dense work on it that",
-                f"FLOPs do not count is part of the gap: Adam's update of that decoder alone takes {adam['clt']:.2f} s per step",
-                f"here, against {adam['transcoders']:.2f} s for the six transcoders' decoders (not profiled further).",
+                "The CLT does the same dense encoder work as the six transcoders, but each of its active pairs reads and",
+                "writes a decoder row over all six sites (3,456 values, its blocks before the latent's layer held at zero;",
+                "2,016 writable on average), where a transcoder's pair touches one site's 576. Those sparse products are",
+                "memory-bound: a torch.profiler run of six CLT steps here (not part of this script) put about 1.5 s of",
+                "each step in torch.sparse.mm (the decoder's and encoder's weight gradients) and 0.9 s in the embedding",
+                "bag (decoding and its value gradient). Products over only the writable blocks would save about 40 % of",
+                f"that; not done yet. Adam's update of the whole decoder takes {adam['clt']:.2f} s per step, against"
+                f" {adam['transcoders']:.2f} s for the six transcoders' decoders.",
                 "",
             ]
     lines.append(MARK_END)

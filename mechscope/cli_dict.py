@@ -320,6 +320,11 @@ def feature(
             index.close()
     via = card.logits_via if card.promoted is None else f"logit effects via {card.logits_via}"
     console.print(f"[bold]feature {number}[/] of {shown(folder)} ({shown(card.name)}): {shown(via)}")
+    if dictionary.n_write > 1 or not dictionary.cfg.reconstructs:  # where it reads and writes, beyond one site
+        first = dictionary.written_sites(number)[0]  # a CLT feature's own layer; 0 otherwise
+        reads = dictionary.cfg.read_sites[first] if dictionary.cfg.layered else ", ".join(dictionary.cfg.read_sites)
+        writes = [dictionary.cfg.write_sites[i] for i in dictionary.written_sites(number)]
+        console.print(shown(f"a {dictionary.cfg.kind} feature: reads {reads}; writes {', '.join(writes)}"))
     for table in views.feature_tables(card):
         console.print(table)
     if card.unit is None:

@@ -203,6 +203,7 @@ def test_feature_commands(folders, run, tmp_path):
     code, out = run("feature", folders[1], 3, "--db", db, "--n", 3, "--html", html, "--png", png)
     assert code == 0 and "f:tc:3" in out and "promotes" in out and "nearest features" in out and "top 3 examples" in out, out
     assert "via blocks.0.hook_mlp_out" in out and "Nearest features" in html.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "a transcoder feature: reads blocks.0.hook_resid_mid; writes blocks.0.hook_mlp_out" in out, out
     code, out = run("feature", folders[0], 5, "--html", html)
     assert code == 0 and "promotes" in out and "index build --dict" in out and "f:res1:5" in out, out
     assert "index build --dict" in html.read_text()

@@ -137,7 +137,7 @@ def examples_renderables(hist: Histogram, examples: Sequence[Example], strata: S
 def card_tables(card: UnitCard) -> list[Table]:
     """The card as rich tables: statistics, input tokens, and output tokens for a neuron."""
     st = card.stats
-    stats = Table(title=plain(f"unit {card.unit.name} ({card.unit.site}, #{card.unit.id})"), title_justify="left")
+    stats = Table(title=plain(f"unit {card.unit.name} ({card.unit.site})"), title_justify="left")  # not the row number
     for column in ("tokens", "mean", "std", "max", "density", "active"):
         stats.add_column(column, justify="right")
     stats.add_row(f"{st.tokens:,}", f"{st.mean:.4g}", f"{st.std:.4g}", f"{st.max:.4g}", f"{st.density:.2%}", f"{st.active:,}")
