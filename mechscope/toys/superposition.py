@@ -1,0 +1,185 @@
+"""Toy models of superposition (Elhage et al. 2022, "Toy Models of Superposition", and its notebook).
+
+n features, each uniform in [0, 1) with probability p and 0 otherwise, are squeezed into m < n hidden
+dimensions and read back out: h = x W, x' = ReLU(h Wᵀ + b) (or without the ReLU: the linear model).
+W is [n, m]. The loss weights feature i's squared error by its importance I_i. Many instances (one
+per sparsity level and seed) train at once as one batched tensor: the loss is the mean over batch and
+features, summed over instances, so each instance's gradient is its own.
+
+Measures of the result (per instance):
+- `represented`: features whose embedding W_i has norm above 0.5;
+- `dimensions_per_feature` D* = m / ‖W‖²_F (1 when m features each own a dimension, 1/2 for antipodal pairs);
+- `feature_dimensionality` D_i = ‖W_i‖² / Σ_j (Ŵ_i · W_j)², the share of a dimension feature i holds;
+- `superposition` Σ_{j≠i} (Ŵ_i · W_j)², how much the other features project onto feature i's direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.errors import MechscopeError
+from mechscope.runtime import progress
+
+
+def sparsity_levels(n: int) -> list[float]:
+    """The paper's feature probabilities p = 20^(−linspace(0, 1, n)): from dense (1) to p = 0.05."""
+    return [float(p) for p in 20.0 ** -torch.linspace(0, 1, n, dtype=torch.float64)]
+
+
+@dataclass
+class ToyConfig:
+    """One batch of toy models trained together: every (probability, seed) pair is an instance."""
+
+    n_features: int = 5
+    """n: the features the data has."""
+    n_hidden: int = 2
+    """m: the hidden dimensions the model squeezes them into (fewer than n)."""
+    probabilities: tuple[float, ...] = (1.0, 0.1, 0.03, 0.01)
+    """p per sparsity level: the chance that a feature is non-zero (S = 1 − p is the sparsity)."""
+    seeds: int = 1
+    """Instances per sparsity level, each from its own random start."""
+    importance: float = 0.9
+    """I_i = importance^i: feature 0 matters most."""
+    relu: bool = True
+    """False: the linear model x' = h Wᵀ + b."""
+    steps: int = 10_000
+    batch: int = 1024
+    lr: float = 1e-3
+    """AdamW's constant learning rate."""
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_features", "n_hidden", "seeds", "steps", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MechscopeError(f"{name}={value!r} is invalid: it must be a positive integer")
+        if self.n_hidden >= self.n_features:
+            raise MechscopeError(
+                f"n_hidden={self.n_hidden} is not below n_features={self.n_features}: a toy needs fewer dimensions than "
+                "features to show superposition"
+            )
+        self.probabilities = tuple(float(p) for p in self.probabilities)
+        bad = [p for p in self.probabilities if not 0 < p <= 1]
+        if bad or not self.probabilities:
+            raise MechscopeError(f"feature probabilities {list(bad or self.probabilities)} are invalid: each must be in (0, 1]")
+        if not 0 < self.importance <= 1:
+            raise MechscopeError(f"importance={self.importance!r} is invalid: give a decay in (0, 1]")
+
+    @property
+    def instances(self) -> int:
+        return len(self.probabilities) * self.seeds
+
+
+class ToyModel(nn.Module):
+    """I instances of h = x W, x' = ReLU(h Wᵀ + b); W [I, n, m] (xavier_normal_ each), b [I, n] (zeros)."""
+
+    def __init__(self, instances: int, n_features: int, n_hidden: int, relu: bool = True, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        W = torch.empty(instances, n_features, n_hidden)
+        for w in W:  # xavier_normal_ of an [n, m] matrix: std sqrt(2 / (n + m))
+            w.copy_(torch.randn(n_features, n_hidden, generator=gen) * (2 / (n_features + n_hidden)) ** 0.5)
+        self.W = nn.Parameter(W)
+        self.b = nn.Parameter(torch.zeros(instances, n_features))
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, I, n] -> x' [B, I, n]."""
+        h = torch.einsum("bin,inm->bim", x, self.W)
+        out = torch.einsum("bim,inm->bin", h, self.W) + self.b
+        return torch.relu(out) if self.relu else out
+
+
+def sample(probabilities: Tensor, batch: int, n: int, gen: torch.Generator) -> Tensor:
+    """A batch [B, I, n]: each feature uniform in [0, 1) with its instance's probability p [I], else 0."""
+    values = torch.rand(batch, len(probabilities), n, generator=gen)
+    return values * (torch.rand(batch, len(probabilities), n, generator=gen) < probabilities[None, :, None])
+
+
+@dataclass
+class ToyResult:
+    """A trained batch of toys: instance j has probability `probabilities[j]` and seed number `seeds[j]`."""
+
+    cfg: ToyConfig
+    W: Tensor
+    """[I, n, m] embeddings."""
+    b: Tensor
+    """[I, n] output biases."""
+    probabilities: list[float]
+    seeds: list[int]
+    loss: Tensor
+    """[I] each instance's importance-weighted loss on 131,072 fresh samples after training."""
+
+    def best(self) -> ToyResult:
+        """One instance per sparsity level: the seed with the lowest loss."""
+        keep = []
+        for p in self.cfg.probabilities:
+            group = [j for j, q in enumerate(self.probabilities) if q == p]
+            keep.append(min(group, key=lambda j: float(self.loss[j])))
+        pick = torch.tensor(keep)
+        return dataclasses.replace(
+            self, W=self.W[pick], b=self.b[pick], probabilities=[self.probabilities[j] for j in keep],
+            seeds=[self.seeds[j] for j in keep], loss=self.loss[pick],
+        )  # fmt: skip
+
+
+def train_toy(cfg: ToyConfig, show_progress: bool = True) -> ToyResult:
+    """Train every instance of `cfg` at once (AdamW, constant lr, fresh data every step)."""
+    per_instance_p = [p for p in cfg.probabilities for _ in range(cfg.seeds)]
+    probabilities = torch.tensor(per_instance_p)
+    model = ToyModel(cfg.instances, cfg.n_features, cfg.n_hidden, cfg.relu, cfg.seed)
+    importance = cfg.importance ** torch.arange(cfg.n_features, dtype=torch.float32)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with progress("toy", show=show_progress) as bar:
+        task = bar.add_task("toy", total=cfg.steps)
+        for _ in range(cfg.steps):
+            x = sample(probabilities, cfg.batch, cfg.n_features, gen)
+            per_instance = (importance * (x - model(x)).pow(2)).mean(dim=(0, 2))  # [I]
+            optimiser.zero_grad(set_to_none=True)
+            per_instance.sum().backward()
+            optimiser.step()
+            bar.update(task, advance=1)
+    with torch.no_grad():  # the final loss on fresh data, enough of it that sparse levels have many non-zeros
+        losses = [(importance * (x - model(x)).pow(2)).mean(dim=(0, 2)) for x in
+                  (sample(probabilities, 8192, cfg.n_features, gen) for _ in range(EVAL_BATCHES))]  # fmt: skip
+    return ToyResult(
+        cfg, model.W.detach().clone(), model.b.detach().clone(), per_instance_p,
+        [s for _ in cfg.probabilities for s in range(cfg.seeds)], torch.stack(losses).mean(0),
+    )  # fmt: skip
+
+
+EVAL_BATCHES = 16
+"""Batches of 8,192 samples that measure each instance's final loss (which `ToyResult.best` compares)."""
+
+
+def represented(W: Tensor, threshold: float = 0.5) -> Tensor:
+    """[I] features per instance whose embedding norm ‖W_i‖ exceeds `threshold` (W [I, n, m])."""
+    return (W.norm(dim=-1) > threshold).sum(-1)
+
+
+def dimensions_per_feature(W: Tensor) -> Tensor:
+    """[I] D* = m / ‖W‖²_F: hidden dimensions per embedded feature."""
+    return W.shape[-1] / W.pow(2).sum(dim=(-1, -2))
+
+
+def _projections(W: Tensor) -> Tensor:
+    """[I, n, n]: (Ŵ_i · W_j)², each feature's direction against every feature's embedding."""
+    unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.einsum("inm,ikm->ink", unit, W).pow(2)
+
+
+def feature_dimensionality(W: Tensor) -> Tensor:
+    """[I, n] D_i = ‖W_i‖² / Σ_j (Ŵ_i · W_j)²: 1 for a feature with a dimension to itself, 1/2 for an antipodal pair."""
+    return W.pow(2).sum(-1) / _projections(W).sum(-1).clamp_min(1e-12)
+
+
+def superposition(W: Tensor) -> Tensor:
+    """[I, n] Σ_{j≠i} (Ŵ_i · W_j)²: how much the other features interfere along feature i's direction."""
+    proj = _projections(W)
+    return proj.sum(-1) - torch.diagonal(proj, dim1=-2, dim2=-1)

@@ -1,0 +1,58 @@
+"""Toy models of superposition: the measures on hand-made geometries, bad settings, and result (a) of
+Elhage et al. 2022 (n = 5, m = 2) in a fast variant: 4,000 steps instead of 10,000, best of 4 seeds."""
+
+import math
+
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.toys import (
+    ToyConfig,
+    dimensions_per_feature,
+    feature_dimensionality,
+    represented,
+    superposition,
+    train_toy,
+)
+
+
+def test_the_measures_on_known_geometries():
+    orthogonal = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    antipodal = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]])
+    assert represented(orthogonal).tolist() == [2] and represented(antipodal).tolist() == [4]
+    assert dimensions_per_feature(orthogonal).item() == pytest.approx(1.0)
+    assert dimensions_per_feature(antipodal).item() == pytest.approx(0.5)
+    assert feature_dimensionality(antipodal)[0].tolist() == pytest.approx([0.5] * 4)
+    assert feature_dimensionality(orthogonal)[0, :2].tolist() == pytest.approx([1.0, 1.0])
+    assert superposition(orthogonal)[0, :2].tolist() == pytest.approx([0.0, 0.0])
+    assert superposition(antipodal)[0].tolist() == pytest.approx([1.0] * 4)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"n_features": 2, "n_hidden": 2}, "n_hidden=2 is not below n_features=2"),
+        ({"probabilities": (0.5, 0.0)}, "feature probabilities [0.0] are invalid: each must be in (0, 1]"),
+        ({"probabilities": (1.5,)}, "feature probabilities [1.5] are invalid"),
+        ({"steps": 0}, "steps=0 is invalid"),
+        ({"importance": 0.0}, "importance=0.0 is invalid"),
+    ],
+)
+def test_bad_settings_get_one_line(settings, message):
+    with pytest.raises(MechscopeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        ToyConfig(**settings)
+
+
+def test_five_features_in_two_dimensions():
+    """Dense data keeps the 2 most important features; sparse data (p <= 0.02) keeps all 5 as a pentagon."""
+    cfg = ToyConfig(n_features=5, n_hidden=2, probabilities=(1.0, 0.02, 0.01), seeds=4, steps=4000)
+    result = train_toy(cfg, show_progress=False).best()
+    norms = result.W.norm(dim=-1)  # [3, 5]
+    assert represented(result.W).tolist() == [2, 5, 5]
+    assert norms[0, :2].min() > 0.9 and norms[0, 2:].max() < 0.25  # dense: the top two, the rest near 0
+    for W, n in zip(result.W[1:], norms[1:], strict=True):
+        assert n.max() / n.min() < 1.1  # norms within 10 % of each other
+        angles = sorted(math.degrees(a) % 360 for a in torch.atan2(W[:, 1], W[:, 0]).tolist())
+        gaps = [(angles[(i + 1) % 5] - angles[i]) % 360 for i in range(5)]
+        assert all(abs(g - 72) <= 5 for g in gaps), gaps
