@@ -36,6 +36,14 @@ def splice_section(text: str, section: str, begin: str, end: str) -> str:
     return text.rstrip("\n") + "\n\n" + section
 
 
+def write_section(section: str, begin: str, end: str, name: str) -> None:
+    """Splice `section` (from `begin` to `end`) into bench/RESULTS.md, creating it if need be, and say so."""
+    results = BENCH_DIR / "RESULTS.md"
+    text = results.read_text() if results.exists() else ""
+    results.write_text(splice_section(text, section, begin, end))
+    log(f"updated the {name} section of {results.relative_to(REPO)}")
+
+
 def log(msg: str) -> None:
     """Progress, to stderr, with the time since the benchmark started."""
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)

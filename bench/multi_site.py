@@ -403,10 +403,7 @@ def main() -> None:
         speed_file.write_text(json.dumps(fast, indent=1))
     stamp = dict_quality._stamp(load_start) + "."
     section = render(runs, fast, stamp)
-    results = common.BENCH_DIR / "RESULTS.md"
-    text = results.read_text() if results.exists() else ""
-    results.write_text(common.splice_section(text, section, MARK_BEGIN, MARK_END))
-    log(f"updated the multi-site section of {results.relative_to(common.REPO)}")
+    common.write_section(section, MARK_BEGIN, MARK_END, "multi-site")
 
 
 if __name__ == "__main__":

@@ -79,10 +79,7 @@ def main() -> None:
     load_start = common.load_average()
     result = measure()
     section = render(result, dict_quality._stamp(load_start) + ".")
-    results = common.BENCH_DIR / "RESULTS.md"
-    text = results.read_text() if results.exists() else ""
-    results.write_text(common.splice_section(text, section, MARK_BEGIN, MARK_END))
-    log(f"updated the toys section of {results.relative_to(common.REPO)}")
+    common.write_section(section, MARK_BEGIN, MARK_END, "toys")
 
 
 if __name__ == "__main__":
