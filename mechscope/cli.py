@@ -32,6 +32,9 @@ from mechscope.cli_common import (
 )
 from mechscope.cli_dict import register as register_dictionary_commands
 from mechscope.cli_index import index_app
+from mechscope.cli_poly import register as register_polysemanticity_commands
+from mechscope.cli_tiny import register as register_tiny_commands
+from mechscope.cli_toys import register as register_toy_commands
 from mechscope.errors import MechscopeError
 
 app = typer.Typer(
@@ -42,6 +45,9 @@ app = typer.Typer(
 )
 app.add_typer(index_app, name="index")
 register_dictionary_commands(app)
+register_toy_commands(app)
+register_tiny_commands(app)
+register_polysemanticity_commands(app)
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
