@@ -121,6 +121,21 @@ ADAPTERS: tuple[Adapter, ...] = (
         heads_out="attention.dense",
         parallel="use_parallel_residual",
     ),
+    Adapter(
+        name="mechscope_tiny",  # the tiny GELU / SoLU / TopK models of mechscope.toys.tiny_model
+        model_types=("mechscope_tiny",),
+        blocks="transformer.h",
+        embed="transformer.wte",
+        pos_embed="transformer.wpe",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn="attn",
+        attn_out="attn",
+        mlp_out="mlp",
+        mlp_norm="ln_2",
+        neurons="mlp.fc_out",
+        heads_out="attn.o_proj",
+    ),
 )
 
 

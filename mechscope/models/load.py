@@ -22,6 +22,8 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,6 +38,22 @@ DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class LocalFamily:
+    """A model family whose modelling code is part of mechscope (`toys.tiny_model`), not of transformers."""
+
+    register: Callable[[], object]
+    """Registers its classes with transformers' Auto classes (imports its modelling code)."""
+    files: tuple[str, ...]
+    """The files a folder of it must hold."""
+
+
+LOCAL_FAMILIES: dict[str, LocalFamily] = {}
+"""`config.model_type` -> its `LocalFamily`. Filled by `mechscope/__init__.py`, the one layer allowed to
+name higher ones; a family is registered only when a folder of its type loads, so that importing
+mechscope does not import modelling code (some 3 s)."""
 
 
 def cache_dir() -> Path:
@@ -188,6 +206,7 @@ def check_model_folder(folder: Path) -> None:
         json.loads((folder / "config.json").read_text())
     except (ValueError, OSError) as err:
         raise MechscopeError(f"{str(folder / 'config.json')!r} is not a JSON file: {_first_line(err)}") from err
+    _check_family_files(folder)
     shards = folder / "model.safetensors.index.json"
     if shards.exists():
         names = sorted(set(_read_json(shards).get("weight_map", {}).values()))
@@ -205,6 +224,19 @@ def check_model_folder(folder: Path) -> None:
         raise MechscopeError(f"folder {str(folder)!r} has a config.json but no .safetensors weights{hint}")
     for file in files:
         check_safetensors(file)
+
+
+def _local_family(folder: Path) -> tuple[str, LocalFamily | None]:
+    model_type = str(_read_json(folder / "config.json").get("model_type"))
+    return model_type, LOCAL_FAMILIES.get(model_type)
+
+
+def _check_family_files(folder: Path) -> None:
+    """Refuse, naming the first missing file, a folder of a local family without one of its files."""
+    model_type, family = _local_family(folder)
+    for name in family.files if family else ():
+        if not (folder / name).is_file():
+            raise MechscopeError(f"folder {str(folder)!r} has no {name}: a {model_type} folder holds {', '.join(family.files)}")
 
 
 def check_safetensors(file: Path) -> None:
@@ -231,6 +263,8 @@ def _from_folder(folder: Path | str, dtype, device, trust_remote_code: bool, nam
     local = isinstance(folder, Path)
     if local:
         check_model_folder(folder)
+        if (family := _local_family(folder)[1]) is not None:
+            family.register()
     try:
         hf, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
