@@ -17,6 +17,7 @@ import transformers as tf
 from conftest import FAMILIES, VOCAB, tiny_hf
 
 import mechscope
+from mechscope.toys.tiny_model import TinyConfig
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
@@ -56,6 +57,18 @@ def test_parity(family, dtype, implementation):
     reference, model = _pair(family, dtype, implementation)
     assert model.hf.dtype == dtype  # an already-built model keeps its dtype
     assert_wrapping_changes_nothing(reference, model)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ("gelu", "solu", "topk"))
+def test_parity_mechscope_tiny(act, dtype, implementation):
+    """mechscope's own tiny models (`toys.tiny_model`), a family transformers does not ship."""
+    config = TinyConfig(act=act, k=5, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    reference = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    reference.set_attn_implementation(implementation)
+    assert_wrapping_changes_nothing(reference, mechscope.load(copy.deepcopy(reference)))
 
 
 @pytest.mark.parametrize("implementation", ("eager", "sdpa"))

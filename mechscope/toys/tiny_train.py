@@ -101,12 +101,11 @@ class TinyTrainConfig:
     """CPU threads for torch during training; None: the cores this process may run on."""
 
     def __post_init__(self):
-        for name in ("layers", "d_model", "n_heads", "k", "vocab", "ctx_len", "batch", "tokens", "eval_every",
-                     "eval_contexts", "checkpoint_every", "warmup_steps"):  # fmt: skip
+        for name in ("vocab", "ctx_len", "batch", "tokens", "eval_every", "eval_contexts", "checkpoint_every", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "warmup_steps" else 1):
                 raise MechscopeError(f"{name}={value!r} is invalid: it must be a positive integer")
-        check_shape(self.act, self.layers, self.d_model, self.n_heads, self.d_mlp_or_default, self.k)
+        check_shape(self.act, self.layers, self.d_model, self.n_heads, self.d_mlp_or_default, self.k)  # with the valid ranges
         if not 512 <= self.vocab <= 8192:
             raise MechscopeError(f"vocab={self.vocab} is out of range: valid values are 512..8192")
         if not 8 <= self.ctx_len <= 2048:
