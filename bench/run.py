@@ -24,6 +24,7 @@ so the comparisons cannot silently be of different work. Progress goes to stderr
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -290,10 +291,16 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
     return "\n".join(lines)
 
 
+OWN_SECTIONS = ("attribution", "index", "sae", "batch")
+"""The sections this script writes; every other section of RESULTS.md comes from its own script."""
+
+
 def _kept_sections() -> str:
-    """The sections of the current RESULTS.md written by other commands, kept as they are: the peers
-    (`make bench-peers`) and dictionary quality (`bench/dict_quality.py`)."""
-    return "".join(_section(name) for name in ("peers", "quality"))
+    """The sections of the current RESULTS.md written by other commands (the peers, dictionary quality,
+    multi-site dictionaries, toys, ...), kept as they are, in their order."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    names = re.findall(r"<!-- ([\w-]+) section: begin", old)
+    return "".join(_section(name) for name in names if name not in OWN_SECTIONS)
 
 
 def _section(name: str) -> str:
