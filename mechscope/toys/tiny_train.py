@@ -44,7 +44,7 @@ from mechscope.errors import MechscopeError
 from mechscope.runtime import atomic_folder, progress
 from mechscope.toys.tiny_shape import check_shape
 
-DEFAULT_TOKENS = 1_500_000
+DEFAULT_TOKENS = 1_400_000
 """Training tokens by default: a 2-layer, d_model 256 model with a 4,096-token vocabulary trains them in
 about 12 minutes on 2 CPU cores (see docs/tiny.md for the measurement)."""
 NOT_SETTINGS = ("checkpoint_every", "threads")
@@ -292,7 +292,8 @@ class _Trainer:
                 record = self.step(step, ids)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.update(task, completed=step + 1, loss=record["loss"], held=record.get("held_out_loss", math.nan))
+                held = {"held": record["held_out_loss"]} if "held_out_loss" in record else {}  # else the last one stays
+                bar.update(task, completed=step + 1, loss=record["loss"], **held)
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     meta = {"step": step + 1, "seconds": seconds + time.perf_counter() - began, "settings": cfg.settings()}
                     checkpoint.save(self.work / "checkpoint", self.model, self.optimizer, meta)
@@ -325,7 +326,9 @@ def _save(cfg: TinyTrainConfig, out: Path, work: Path, model, tokenizer, seconds
         model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
         tokenizer.save_pretrained(tmp)
         shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
-        title = f"{cfg.act}, {cfg.layers} layers, d_model {cfg.d_model}: held-out loss {run.held_out_loss:.3f}"
+        title = (
+            f"{cfg.act}, {cfg.layers} layer{'s' * (cfg.layers > 1)}, d_model {cfg.d_model}: held-out loss {run.held_out_loss:.3f}"
+        )
         loss_curves_png(records, tmp / "curves.png", title)
         summary = {k: v for k, v in run._asdict().items() if k != "folder"}
         summary |= {"steps": cfg.steps, "vocab": len(tokenizer), "settings": cfg.settings()}
