@@ -56,3 +56,17 @@ def test_five_features_in_two_dimensions():
         angles = sorted(math.degrees(a) % 360 for a in torch.atan2(W[:, 1], W[:, 0]).tolist())
         gaps = [(angles[(i + 1) % 5] - angles[i]) % 360 for i in range(5)]
         assert all(abs(g - 72) <= 5 for g in gaps), gaps
+
+
+def test_twenty_features_in_five_dimensions():
+    """Result (b), fast variant: more features are represented as the data gets sparser, and D* falls toward 1/3.
+
+    The full variant (all seven levels, 10,000 steps, 4 seeds) is in bench/toys.py."""
+    levels = (0.0, 0.9, 0.99, 0.999)
+    cfg = ToyConfig(n_features=20, n_hidden=5, importance=0.7, probabilities=tuple(1 - s for s in levels), seeds=3, steps=5000)
+    result = train_toy(cfg, show_progress=False).best()
+    counts = represented(result.W).tolist()
+    assert counts[0] == 5 and counts[-1] >= 12, counts
+    assert counts == sorted(counts), counts  # never decreases with sparsity
+    d_star = dimensions_per_feature(result.W).tolist()
+    assert d_star[0] == pytest.approx(1.0, abs=0.05) and d_star[-1] < 0.42, d_star

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -89,16 +90,24 @@ class ToyModel(nn.Module):
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [B, I, n] -> x' [B, I, n]."""
-        h = torch.einsum("bin,inm->bim", x, self.W)
-        out = torch.einsum("bim,inm->bin", h, self.W) + self.b
+        """x [I, B, n] -> x' [I, B, n] (instance-major, so both products are batched matmuls)."""
+        h = torch.bmm(x, self.W)  # [I, B, m]
+        out = torch.baddbmm(self.b[:, None, :], h, self.W.transpose(1, 2))
         return torch.relu(out) if self.relu else out
 
 
 def sample(probabilities: Tensor, batch: int, n: int, gen: torch.Generator) -> Tensor:
-    """A batch [B, I, n]: each feature uniform in [0, 1) with its instance's probability p [I], else 0."""
-    values = torch.rand(batch, len(probabilities), n, generator=gen)
-    return values * (torch.rand(batch, len(probabilities), n, generator=gen) < probabilities[None, :, None])
+    """A batch [I, B, n]: each feature uniform in [0, 1) with its instance's probability p [I], else 0."""
+    values, on = torch.rand(2, len(probabilities), batch, n, generator=gen)
+    return values * (on < probabilities[:, None, None])
+
+
+def shared_sample(probabilities: Tensor, batch: int, n: int, gen: torch.Generator) -> Tensor:
+    """A batch [I, B, n] drawn once for all instances: the same values, and feature i is on in instance j when
+    its one uniform draw is below p_j. Seeds of one sparsity level then see identical data, so the
+    difference of their losses measures the solutions, not the sampling noise (common random numbers)."""
+    values, on = torch.rand(2, 1, batch, n, generator=gen)
+    return values * (on < probabilities[:, None, None])
 
 
 @dataclass
@@ -131,27 +140,39 @@ class ToyResult:
 def train_toy(cfg: ToyConfig, show_progress: bool = True) -> ToyResult:
     """Train every instance of `cfg` at once (AdamW, constant lr, fresh data every step)."""
     per_instance_p = [p for p in cfg.probabilities for _ in range(cfg.seeds)]
-    probabilities = torch.tensor(per_instance_p)
-    model = ToyModel(cfg.instances, cfg.n_features, cfg.n_hidden, cfg.relu, cfg.seed)
     importance = cfg.importance ** torch.arange(cfg.n_features, dtype=torch.float32)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    W, b, loss = train_instances(
+        torch.tensor(per_instance_p), importance.expand(cfg.instances, -1), cfg.n_hidden, relu=cfg.relu,
+        steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+        show_progress=show_progress,
+    )  # fmt: skip
+    return ToyResult(cfg, W, b, per_instance_p, [s for _ in cfg.probabilities for s in range(cfg.seeds)], loss)
+
+
+def train_instances(
+    probabilities: Tensor, importance: Tensor, n_hidden: int, *, relu: bool = True, steps: int = 10_000,
+    batch: int = 1024, lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, show_progress: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Train I toys at once, instance j on data of feature probability `probabilities[j]` ([I]) with loss
+    weights `importance[j]` ([I, n]). Returns W [I, n, m], b [I, n] and each instance's final loss [I],
+    measured on 131,072 fresh samples that every instance shares (see `shared_sample`)."""
+    instances, n = importance.shape
+    model = ToyModel(instances, n, n_hidden, relu, seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed + 1)
     with progress("toy", show=show_progress) as bar:
-        task = bar.add_task("toy", total=cfg.steps)
-        for _ in range(cfg.steps):
-            x = sample(probabilities, cfg.batch, cfg.n_features, gen)
-            per_instance = (importance * (x - model(x)).pow(2)).mean(dim=(0, 2))  # [I]
+        task = bar.add_task("toy", total=steps)
+        for _ in range(steps):
+            x = sample(probabilities, batch, n, gen)
+            per_instance = (importance[:, None] * (x - model(x)).pow(2)).mean(dim=(1, 2))  # [I]
             optimiser.zero_grad(set_to_none=True)
             per_instance.sum().backward()
             optimiser.step()
             bar.update(task, advance=1)
-    with torch.no_grad():  # the final loss on fresh data, enough of it that sparse levels have many non-zeros
-        losses = [(importance * (x - model(x)).pow(2)).mean(dim=(0, 2)) for x in
-                  (sample(probabilities, 8192, cfg.n_features, gen) for _ in range(EVAL_BATCHES))]  # fmt: skip
-    return ToyResult(
-        cfg, model.W.detach().clone(), model.b.detach().clone(), per_instance_p,
-        [s for _ in cfg.probabilities for s in range(cfg.seeds)], torch.stack(losses).mean(0),
-    )  # fmt: skip
+    with torch.no_grad():
+        losses = [(importance[:, None] * (x - model(x)).pow(2)).mean(dim=(1, 2)) for x in
+                  (shared_sample(probabilities, 8192, n, gen) for _ in range(EVAL_BATCHES))]  # fmt: skip
+    return model.W.detach().clone(), model.b.detach().clone(), torch.stack(losses).mean(0)
 
 
 EVAL_BATCHES = 16
@@ -183,3 +204,41 @@ def superposition(W: Tensor) -> Tensor:
     """[I, n] Σ_{j≠i} (Ŵ_i · W_j)²: how much the other features interfere along feature i's direction."""
     proj = _projections(W)
     return proj.sum(-1) - torch.diagonal(proj, dim1=-2, dim2=-1)
+
+
+FRACTIONS = (1.0, 3 / 4, 2 / 3, 1 / 2, 2 / 5, 3 / 8)
+"""Feature dimensionalities of the geometries that sparse toys favour: a dimension of its own (1), a
+tetrahedron in 3 dimensions (3/4), a triangle (2/3), an antipodal pair (1/2), a pentagon (2/5) and a
+square antiprism (3/8)."""
+
+
+class FractionLine(NamedTuple):
+    """How crowded feature dimensionalities are around one fraction."""
+
+    fraction: float
+    count: int
+    """Features with D_i within ±width of the fraction."""
+    background: float
+    """The count a smooth spread would put there: the features within ±5·width of the fraction, outside
+    every fraction's own window, per unit of D, times the window's length 2·width."""
+
+    @property
+    def ratio(self) -> float:
+        """count / background: far above 1 where the fraction is a line in the D_i scatter."""
+        return self.count / max(self.background, 0.5)
+
+
+def fraction_lines(D: Tensor, fractions: tuple[float, ...] = FRACTIONS, width: float = 0.01) -> list[FractionLine]:
+    """Test for the "lines" of the dimensionality scatter: per fraction, the features D [any shape] that sit
+    within ±width of it against a smooth local background (`FractionLine`)."""
+    d = D.flatten().double()
+    near = [(d - f).abs() <= width for f in fractions]
+    anywhere = torch.stack(near).any(0)
+    lines = []
+    for f, inside in zip(fractions, near, strict=True):
+        around = ((d - f).abs() <= 5 * width) & ~anywhere
+        grid = torch.linspace(f - 5 * width, f + 5 * width, 1001, dtype=torch.float64)  # D_i lies in [0, 1]
+        free_grid = (grid >= 0) & (grid <= 1) & ~torch.stack([(grid - g).abs() <= width for g in fractions]).any(0)
+        free = 10 * width * float(free_grid.double().mean())  # the band's length outside every window
+        lines.append(FractionLine(f, int(inside.sum()), float(around.sum()) / max(free, width) * 2 * width))
+    return lines
