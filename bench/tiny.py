@@ -1,7 +1,7 @@
 """Tiny transformers with GELU, SoLU and TopK MLPs, trained from scratch: `.venv/bin/python bench/tiny.py`.
 
 Y1. The three activations of `mechscope train-tiny` at its defaults (2 layers, d_model 256, d_mlp 1,024, a
-    4,096-token BPE vocabulary, 128-token contexts, batches of 32 contexts, DEFAULT_TOKENS tokens of
+    4,096-token BPE vocabulary, 128-token contexts, batches of 16 contexts, DEFAULT_TOKENS tokens of
     builtin:all), seed 0, the same tokens in the same order (solu and topk reuse the tokenizer gelu trained):
     parameters, tokens, training tokens per second, wall time (tokenizer and data included) and the final
     held-out loss.
