@@ -15,6 +15,7 @@ from mechscope.toys import (
     superposition,
     train_toy,
 )
+from mechscope.toys.phase import PHASES, expected_loss, phase_diagram
 
 
 def test_the_measures_on_known_geometries():
@@ -70,3 +71,35 @@ def test_twenty_features_in_five_dimensions():
     assert counts == sorted(counts), counts  # never decreases with sparsity
     d_star = dimensions_per_feature(result.W).tolist()
     assert d_star[0] == pytest.approx(1.0, abs=0.05) and d_star[-1] < 0.42, d_star
+
+
+def test_the_phase_diagram_of_two_features_in_one_dimension():
+    """Result (c), fast variant: the best of 6 trained starts per cell matches the theory's lowest-loss solution
+    in at least 90 % of the cells away from the boundaries (the full 12 x 11 grid is in bench/toys.py).
+
+    With 3 starts it does not: every start of two cells kept one feature where the antipodal pair is better."""
+    densities, importances = [0.03, 0.1, 0.3, 0.6, 1.0], [0.2, 0.5, 1.0, 2.0, 5.0]
+    diagram = phase_diagram(densities, importances, seeds=6, steps=4000, show_progress=False)
+    names = [[PHASES[int(i)] for i in row] for row in diagram.predicted]
+    assert names[0][0] == "antipodal" and names[0][-1] == "feature 1" and names[-1][-1] == "feature 2", names
+    assert int((~diagram.boundary).sum()) >= 8
+    assert diagram.agreement >= 0.9, (diagram.predicted, diagram.trained)
+
+
+def test_the_expected_loss_matches_sampling():
+    """The quadrature the phase diagram's theory uses equals a many-sample estimate of the same loss."""
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 2, generator=gen, dtype=torch.float64), 0.3 * torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    p, r = torch.tensor([0.05, 0.3, 0.7, 1.0], dtype=torch.float64), torch.tensor([0.2, 1.0, 3.0, 0.5], dtype=torch.float64)
+    x = torch.rand(400_000, 4, 2, generator=gen, dtype=torch.float64)
+    x = x * (torch.rand(400_000, 4, 2, generator=gen, dtype=torch.float64) < p[None, :, None])
+    out = ((x * w).sum(-1, keepdim=True) * w + b).relu()
+    sampled = ((x - out).pow(2) * torch.stack([torch.ones_like(r), r], -1)).mean((0, 2))
+    assert expected_loss(w, b, p, r).tolist() == pytest.approx(sampled.tolist(), rel=0.01)
+
+
+def test_phase_settings_are_checked():
+    with pytest.raises(MechscopeError, match=r"densities \[0.0\] are invalid"):
+        phase_diagram([0.0], [1.0])
+    with pytest.raises(MechscopeError, match=r"relative importances \[-1.0\] are invalid"):
+        phase_diagram([0.5], [-1.0])
