@@ -250,11 +250,13 @@ def distributions_png(groups: list[tuple[str, list]], out: Path | str, title: st
     from mechscope.viz.report import save_png
 
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), constrained_layout=True)
-    for ax, (_, label, value) in zip(axes.flat, METRICS, strict=True):
+    for ax, (field, label, value) in zip(axes.flat, METRICS, strict=True):
         drawn = [np.array([value(r) for r in rows if r.examples > 0], np.float64) for _, rows in groups]
         drawn = [v[np.isfinite(v)] for v in drawn]
         both = np.concatenate(drawn) if drawn else np.zeros(0)
         bins = np.linspace(both.min(), both.max() + 1e-9, 31) if len(both) else 10
+        if field == "clusters" and len(both):  # whole numbers: one bar each
+            bins = np.arange(0.5, both.max() + 1.5)
         for (name, _), values in zip(groups, drawn, strict=True):
             median = f", median {np.median(values):.3g}" if len(values) else ""
             ax.hist(values, bins=bins, histtype="step", lw=1.4, density=True, label=f"{name} ({len(values):,}{median})")
