@@ -312,7 +312,6 @@ def _kurtosis(rows: _Rows) -> np.ndarray:
     """[U] excess kurtosis m4 / m2^2 - 3, with central moments about the exact mean estimated from the histogram: the
     top-k values exactly, and every other token of a bin at the mean over that bin's samples (the samples of a range
     are uniform over its tokens, so uniform over each bin's), or at the bin's middle where none fell in it."""
-    u, k = rows.top_values.shape
     edges = bin_edges().numpy()
     inner = np.clip(edges, edges[1], edges[-2])  # the outermost, unbounded bins at their inner edge
     dev = (inner[:-1] + inner[1:])[None, :] / 2 - rows.mean[:, None]  # [U, B]
@@ -322,7 +321,7 @@ def _kurtosis(rows: _Rows) -> np.ndarray:
     r, _ = np.nonzero(held)
     np.subtract.at(hist, (r, _bins(rows.top_values[held])), 1)
     sr, _, sv, sg = rows.samples
-    apart = ~np.isin(sr * (1 << 40) + sg, (r * (1 << 40) + rows.top_g[held]))  # samples that are not top examples
+    apart = ~np.isin(_codes(sr, sg), _codes(r, rows.top_g[held]))  # samples that are not top examples
     sr, sv = sr[apart], sv[apart].astype(np.float64)
     at = sr * hist.shape[1] + _bins(sv)
     drawn = np.bincount(at, minlength=hist.size).reshape(hist.shape)
@@ -390,64 +389,80 @@ def average_linkage(sim_UKK: np.ndarray, alive_UK: np.ndarray, threshold: float)
     return (size > 0).sum(-1)
 
 
-def _explain(corpus: _Corpus, rows: _Rows, fire_share: float) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """Each unit's best n-gram key [U] (-1 where none) and its (precision, recall, f1, held_out_firing) [U] each.
+class _Search(NamedTuple):
+    best: np.ndarray  # [U] the chosen n-gram's key; -1 where the unit has none
+    matched: np.ndarray  # [U] search tokens it matches
+    g: np.ndarray  # [U, J] the search tokens' global indices, each once; -1 in the gaps
+    acts: np.ndarray  # [U, J] the unit's activations there
 
-    Search: the tokens in the windows of the even-ranked top examples (each once), labelled firing at >= tau =
-    fire_share x max; candidates are the 1-, 2- and 3-grams ending at the firing ones; the best has the largest F1
-    there, then the fewest tokens, the most firing tokens matched, the smallest key. Held out: every other token.
-    """
-    u, k = rows.top_values.shape
+
+def _explain(corpus: _Corpus, rows: _Rows, fire_share: float) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Each unit's best n-gram key [U] (-1 where none) and its (precision, recall, f1, held_out_firing) [U] each."""
     tau = fire_share * rows.max
-    held = rows.top_g >= 0
-    search, test = held & (np.arange(k) % 2 == 0), held & (np.arange(k) % 2 == 1)
+    found = _search(corpus, rows, tau)
+    none = found.best < 0
+    return np.where(none, -1, found.best), tuple(np.where(none, np.nan, x) for x in _score(corpus, rows, tau, found))
+
+
+def _search(corpus: _Corpus, rows: _Rows, tau: np.ndarray) -> _Search:
+    """The tokens in the windows of the even-ranked top examples (each once), labelled firing at >= tau; candidates are
+    the 1-, 2- and 3-grams ending at the firing examples; the best has the largest F1 on those tokens, then the fewest
+    tokens, the most firing tokens matched, the smallest key."""
+    u, k = rows.top_values.shape
+    search = (rows.top_g >= 0) & (np.arange(k) % 2 == 0)
     acts = rows.windows.copy()
     acts[:, :, WINDOW_BEFORE] = rows.top_values  # the example itself exactly (windows are stored as float16)
     g = rows.top_g[:, :, None] + np.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1)
     g_j, a_j = _unique_rows(np.where(search[:, :, None] & ~np.isnan(acts), g, -1).reshape(u, -1), acts.reshape(u, -1))
     fires_j = (g_j >= 0) & (a_j >= tau[:, None])  # [U, J]
     keys_j = corpus.keys_at(g_j)  # [U, J, 3]
-    firing = search & (rows.top_values >= tau[:, None]) & (rows.max > 0)[:, None] & (rows.active > 0)[:, None]
+    firing = search & (rows.top_values >= tau[:, None]) & ((rows.max > 0) & (rows.active > 0))[:, None]
     cand = np.where(firing[:, :, None], corpus.keys_at(rows.top_g), -1).reshape(u, -1)  # [U, C]
     match = (keys_j[:, None, :, :] == cand[:, :, None, None]).any(-1) & (cand >= 0)[:, :, None]  # [U, C, J]
     tp, m = (match & fires_j[:, None, :]).sum(-1), match.sum(-1)
     f1 = np.where(cand >= 0, 2 * tp / np.maximum(m + fires_j.sum(-1)[:, None], 1), -1.0)
     pick = np.lexsort((cand, -tp, np.where(cand >= 0, cand >> 60, 9), -f1), axis=-1)[:, 0]
-    rows_u = np.arange(u)
-    best, matched_s = cand[rows_u, pick], m[rows_u, pick]
-    n = np.clip(best >> 60, 1, 3) - 1  # [U] which key of a token to compare
+    return _Search(cand[np.arange(u), pick], m[np.arange(u), pick], g_j, a_j)
 
-    # held out, exactly: the odd-ranked top examples outside the search windows
-    test &= ~(rows.top_g[:, :, None] == g_j[:, None, :]).any(-1)
-    t_match = test & (corpus.keys_at(rows.top_g)[rows_u, :, n] == best[:, None])
+
+def _score(corpus: _Corpus, rows: _Rows, tau: np.ndarray, found: _Search) -> tuple[np.ndarray, ...]:
+    """(precision, recall, f1, firing) of each unit's n-gram on the held-out tokens: the odd-ranked top examples outside
+    the search tokens exactly, every other token through the samples outside both, each weighted by its range's
+    tokens over the samples drawn there; the n-gram's matches counted exactly from the stored tokens."""
+    u, k = rows.top_values.shape
+    units = np.arange(u)
+    n = np.clip(found.best >> 60, 1, 3) - 1  # [U] which of a token's keys to compare
+    searched = found.g >= 0
+    test = (rows.top_g >= 0) & (np.arange(k) % 2 == 1) & ~(rows.top_g[:, :, None] == found.g[:, None, :]).any(-1)
+    t_match = test & (corpus.keys_at(rows.top_g)[units, :, n] == found.best[:, None])
     t_fire = test & (rows.top_values >= tau[:, None])
-    # held out, sampled: every other token, through the samples outside the search and test tokens
     sr, ss, sv, sg = rows.samples
-    size = len(corpus.ids)
-    code = lambda r, g: r * size + g - corpus.first  # noqa: E731
-    s_rows = np.broadcast_to(rows_u[:, None], g_j.shape)
-    t_rows = np.broadcast_to(rows_u[:, None], test.shape)
-    out = np.concatenate([code(s_rows[g_j >= 0], g_j[g_j >= 0]), code(t_rows[test], rows.top_g[test])])
-    keep = ~np.isin(code(sr, sg), out)
+    s_rows, t_rows = np.broadcast_to(units[:, None], found.g.shape), np.broadcast_to(units[:, None], test.shape)
+    out = _codes(np.concatenate([s_rows[searched], t_rows[test]]), np.concatenate([found.g[searched], rows.top_g[test]]))
+    keep = ~np.isin(_codes(sr, sg), out)
     sr, ss, sv, sg = sr[keep], ss[keep], sv[keep], sg[keep]
-    onehot = np.eye(N_STRATA, dtype=np.int64)[STRATUM_OF_BIN.numpy()]  # [B, S]
-    left = rows.hist @ onehot  # [U, S] tokens of each range
-    np.subtract.at(left, (s_rows[g_j >= 0], _strata(a_j[g_j >= 0])), 1)
+    left = rows.hist @ np.eye(N_STRATA, dtype=np.int64)[STRATUM_OF_BIN.numpy()]  # [U, S] tokens of each range
+    np.subtract.at(left, (s_rows[searched], _strata(found.acts[searched])), 1)
     np.subtract.at(left, (t_rows[test], _strata(rows.top_values[test])), 1)
     drawn = np.bincount(sr * N_STRATA + ss, minlength=u * N_STRATA).reshape(u, N_STRATA)
     weight = np.where(drawn > 0, np.maximum(left, drawn) / np.maximum(drawn, 1), 0.0)[sr, ss]
     s_fire = sv >= tau[sr]
-    s_match = corpus.keys_at(sg)[np.arange(len(sg)), n[sr]] == best[sr]
-    firing_out = np.bincount(sr, weight * s_fire, u) + t_fire.sum(-1)
-    predicted = corpus.count(best) - matched_s  # the matches outside the search tokens, counted exactly
+    s_match = corpus.keys_at(sg)[np.arange(len(sg)), n[sr]] == found.best[sr]
+    firing = np.bincount(sr, weight * s_fire, u) + t_fire.sum(-1)
+    predicted = corpus.count(found.best) - found.matched  # the matches outside the search tokens, counted exactly
     hit = np.minimum(np.bincount(sr, weight * (s_fire & s_match), u) + (t_match & t_fire).sum(-1), predicted)
     with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, hit / predicted, np.nan)
-        recall = np.where(firing_out > 0, hit / firing_out, np.nan)
-        f1 = np.where(predicted + firing_out > 0, 2 * hit / (predicted + firing_out), np.nan)
-    none = best < 0
-    scores = tuple(np.where(none, np.nan, x) for x in (precision, recall, f1, firing_out))
-    return np.where(none, -1, best), scores
+        return (
+            np.where(predicted > 0, hit / predicted, np.nan),
+            np.where(firing > 0, hit / firing, np.nan),
+            np.where(predicted + firing > 0, 2 * hit / (predicted + firing), np.nan),
+            firing,
+        )
+
+
+def _codes(rows: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """One int64 per (row of a chunk, global token index) pair; rows < CHUNK, and g < 2^46 (2^31 contexts of 2^15)."""
+    return rows.astype(np.int64) << 46 | g
 
 
 def _strata(values: np.ndarray) -> np.ndarray:
