@@ -11,7 +11,9 @@ from mechscope.toys import (
     ToyConfig,
     dimensions_per_feature,
     feature_dimensionality,
+    fraction_lines,
     represented,
+    sparsity_levels,
     superposition,
     train_toy,
 )
@@ -103,3 +105,19 @@ def test_phase_settings_are_checked():
         phase_diagram([0.0], [1.0])
     with pytest.raises(MechscopeError, match=r"relative importances \[-1.0\] are invalid"):
         phase_diagram([0.5], [-1.0])
+
+
+def test_feature_dimensionality_sticks_at_one_half():
+    """Result (d), fast variant: 200 features in 20 dimensions, importance 1, the six sparsity levels (of the
+    full run's 20) around the plateau, 3,000 steps. D* stays within 0.03 of 1/2 over at least 3 levels, and
+    D_i clusters at 1/2 (antipodal pairs) and at least one more of the named fractions. The full variant
+    (all 20 levels, 10,000 steps) is in bench/toys.py."""
+    cfg = ToyConfig(n_features=200, n_hidden=20, importance=1.0, probabilities=tuple(sparsity_levels(20)[5:11]), steps=3000)
+    result = train_toy(cfg, show_progress=False)
+    d_star = dimensions_per_feature(result.W)
+    assert int(((d_star - 0.5).abs() <= 0.03).sum()) >= 3, d_star
+    keep = result.W.norm(dim=-1) > 0.5
+    lines = {round(line.fraction, 3): line for line in fraction_lines(feature_dimensionality(result.W)[keep])}
+    assert lines[0.5].count >= 50 and lines[0.5].ratio >= 5, lines[0.5]
+    others = [line for f, line in lines.items() if f != 0.5 and line.count >= 10 and line.ratio >= 1.5]
+    assert others, lines
