@@ -11,12 +11,14 @@ T1. Training I instances as one batched model (`mechscope.toys.train_toy`) again
     of Ta, Tb and Tc (the target is at least 5x).
 
 Figures go to bench/figures/toys-*.png; the section of RESULTS.md between MARK_BEGIN and MARK_END is
-rewritten at the end. `--only speed` runs T1 alone.
+rewritten at the end. `--only d` (or a, b, c, speed; repeatable) runs those parts alone and keeps the other
+parts' last results (bench/out/toys.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -152,7 +154,7 @@ def render(r: dict, stamp: str) -> str:
                   "| p | what each seed learned | best seed by loss |", "|---|---|---|"]  # fmt: skip
         for (p, shapes), best in zip(a["shapes"].items(), a["best"], strict=True):
             counted = ", ".join(f"{shapes.count(s)} x {s}" for s in sorted(set(shapes)))
-            lines.append(f"| {p:g} | {counted} | {best} |")
+            lines.append(f"| {float(p):g} | {counted} | {best} |")
         lines += ["", "![geometry](figures/toys-a-geometry.png)", ""]
     if "b" in r:
         b = r["b"]
@@ -201,7 +203,12 @@ def main() -> None:
     parts = parser.parse_args().only or ["a", "b", "c", "d", "speed"]
     load_start = common.load_average()
     run = {"a": result_a, "b": result_b, "c": result_c, "d": result_d, "speed": speed}
-    results = {name: run[name]() for name in parts}
+    saved = common.BENCH_DIR / "out" / "toys.json"  # a partial run keeps the other parts' last results
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    results.update({name: run[name]() for name in parts})
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(results))
+    results = {name: results[name] for name in run if name in results}
     section = render(results, dict_quality._stamp(load_start) + ".")
     common.write_section(section, MARK_BEGIN, MARK_END, "toys")
     print(section)

@@ -136,8 +136,12 @@ def dimensionality_png(result: ToyResult, out: str | Path) -> Path:
         axes[1].axhline(f, color="grey", lw=0.6, ls=":")
         axes[1].text(inverse[-1] * 1.05, f, label, fontsize=7, va="center")
     axes[1].set_ylabel("feature dimensionality D_i")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     for ax in axes:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no "2 x 10^0" labels crowding the decade
         ax.set_xlabel("1 / (1 − S)")
     fig.suptitle(f"{result.cfg.n_features} features in {result.cfg.n_hidden} dimensions", fontsize=11)
     return save_png(fig, out)
