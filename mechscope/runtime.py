@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mechscope.errors import MechscopeError
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,36 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKPOINT_STATE, CHECKPOINT_META = "state.safetensors", "state.json"
+"""The two files of a long job's checkpoint folder: its tensors, and its meta (step, settings, ...) as JSON."""
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a checkpoint folder atomically: `tensors` as safetensors and `meta` as JSON, both or neither."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / CHECKPOINT_STATE))
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta))
+
+
+def read_checkpoint(folder: Path) -> dict | None:
+    """The checkpoint in `folder` (its meta, with the tensors under "tensors"), or None if there is none.
+    Raises `MechscopeError` for a damaged one: it is reported, never silently trained over."""
+    from safetensors.torch import load_file
+
+    if not (folder / CHECKPOINT_META).is_file():
+        return None
+    try:
+        meta = json.loads((folder / CHECKPOINT_META).read_text())
+        tensors = load_file(str(folder / CHECKPOINT_STATE))
+    except Exception as err:
+        raise MechscopeError(
+            f"the checkpoint in {str(folder)!r} is damaged ({str(err).splitlines()[0][:100]}): remove it to start over"
+        ) from None
+    return {**meta, "tensors": tensors}
 
 
 def _umask_modes(folder: Path) -> None:

@@ -8,17 +8,12 @@ run so far. The folder is written under a temporary name and swapped in (`runtim
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from mechscope.errors import MechscopeError
-from mechscope.runtime import atomic_folder
-
-STATE, META = "state.safetensors", "state.json"
+from mechscope.runtime import read_checkpoint, write_checkpoint
 
 
 def save(
@@ -43,23 +38,12 @@ def save(
     tensors["since_fired"] = since_fired.contiguous()
     cfg = dictionary.cfg.to_dict() | {"activation_options": dictionary.activation.options()}
     meta = {"step": step, "adam_steps": steps, "dict_cfg": cfg, "metrics_lines": metrics_lines, "train_cfg": train_cfg}
-    with atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / STATE))
-        (tmp / META).write_text(json.dumps(meta))
+    write_checkpoint(folder, tensors, meta)
 
 
 def load(folder: Path) -> dict | None:
-    """The checkpoint in `folder` (tensors and meta), or None if there is none."""
-    if not (folder / META).is_file():
-        return None
-    try:
-        meta = json.loads((folder / META).read_text())
-        tensors = load_file(str(folder / STATE))
-    except Exception as err:  # a damaged checkpoint is reported, never silently restarted over
-        raise MechscopeError(
-            f"the checkpoint in {str(folder)!r} is damaged ({str(err).splitlines()[0][:100]}): remove it to start over"
-        ) from None
-    return {**meta, "tensors": tensors}
+    """The checkpoint in `folder` (its meta, with the tensors under "tensors"), or None if there is none."""
+    return read_checkpoint(folder)
 
 
 def restore(state: dict, dictionary, optimizer: torch.optim.Optimizer, since_fired: torch.Tensor) -> int:

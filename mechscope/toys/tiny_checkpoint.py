@@ -9,16 +9,11 @@ temporary name and swapped in (`runtime.atomic_folder`), so a run killed while s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from mechscope.errors import MechscopeError
-from mechscope.runtime import atomic_folder
-
-STATE, META = "state.safetensors", "state.json"
+from mechscope.runtime import read_checkpoint, write_checkpoint
 
 
 def save(folder: Path, model, optimizer: torch.optim.Optimizer, meta: dict) -> None:
@@ -28,23 +23,12 @@ def save(folder: Path, model, optimizer: torch.optim.Optimizer, meta: dict) -> N
         for key, value in state.items():
             tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    with atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / STATE))
-        (tmp / META).write_text(json.dumps(meta))
+    write_checkpoint(folder, tensors, meta)
 
 
 def load(folder: Path) -> dict | None:
     """The checkpoint in `folder` (its meta, with the tensors under "tensors"), or None if there is none."""
-    if not (folder / META).is_file():
-        return None
-    try:
-        meta = json.loads((folder / META).read_text())
-        tensors = load_file(str(folder / STATE))
-    except Exception as err:  # a damaged checkpoint is reported, never silently trained over
-        raise MechscopeError(
-            f"the checkpoint in {str(folder)!r} is damaged ({str(err).splitlines()[0][:100]}): remove it to start over"
-        ) from None
-    return {**meta, "tensors": tensors}
+    return read_checkpoint(folder)
 
 
 def restore(state: dict, model, optimizer: torch.optim.Optimizer) -> None:
