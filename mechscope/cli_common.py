@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -86,7 +87,8 @@ def _writable_folder(option: str, path: Path, folder: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".mechscope-probe-")
     except OSError as error:
-        reason = error.strerror or type(error).__name__
+        # ENOENT in a folder that exists: a virtual file system (/proc, /sys) that takes no new files
+        reason = "it takes no new files" if error.errno == errno.ENOENT else error.strerror or type(error).__name__
         raise MechscopeError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} is not writable ({reason})") from None
     os.close(fd)
     os.unlink(probe)

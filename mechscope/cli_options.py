@@ -15,11 +15,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import typing
 from typing import Annotated
 
 import typer
+
+from mechscope.errors import MechscopeError
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -70,7 +73,18 @@ def build(cls, values: dict, prefix: str = ""):
             if isinstance(value, list | tuple) and not value and f.default is None:
                 value = None
             kwargs[f.name] = list(value) if isinstance(value, tuple) else value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except MechscopeError as error:  # the config names its fields; the user typed options
+        raise MechscopeError(as_options(str(error), [prefix + f.name for f in dataclasses.fields(cls)])) from None
+
+
+def as_options(message: str, names: list[str]) -> str:
+    """`message` with each field name written as the user typed it: `d_model=300` and `fire_share 2.0`
+    become `--d-model 300` and `--fire-share 2.0`."""
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(=| (?=[-\d'\[(]))", "--" + name.replace("_", "-") + " ", message)
+    return message
 
 
 def with_options(cls, skip: tuple[str, ...] = ()):

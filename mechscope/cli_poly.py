@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv as csv_module
 import json
 import math
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,8 @@ from mechscope.errors import MechscopeError
 from mechscope.index.polysemanticity import PolySettings
 
 console = Console()
+if not console.is_terminal:  # piped or logged: keep whole rows rather than fold them into 80 columns
+    console.width = max(console.width, 160)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
 METRICS = (
     ("density", "density (log10)", lambda r: math.log10(r.density) if r.density > 0 else math.nan),
@@ -74,7 +77,7 @@ def polysemanticity(
         raise MechscopeError("--png plots groups of units: give --site or --dict as well as --unit")
     m = _load(model)
     folders = [d for d in dictionary or [] if Path(d).is_dir()]
-    index = _open(db, m, folders)
+    index = _open(db, m, folders, model)
     with index:
         groups = [(_site_name(index, s), {"site": s}) for s in site or []]
         groups += [(_features(name), {"dictionary": name}) for name in _dictionary_names(index, dictionary or [], m)]
@@ -116,7 +119,7 @@ def _features(name: str) -> str:
     return name if name.startswith(PREFIX) else PREFIX + name
 
 
-def _open(db: Path | None, m, folders: list[str]):
+def _open(db: Path | None, m, folders: list[str], model: str = "default"):
     """The index to read: --db, else the first of the model's indexes holding every --dict folder's features, else
     the model's default one. An unfinished index gets its note on stderr."""
     from mechscope.index.build import default_index_path
@@ -125,6 +128,10 @@ def _open(db: Path | None, m, folders: list[str]):
     path = db or default_index_path(m.name)
     if db is None and folders:
         path = _index_holding(folders, m, [path, *sorted(path.parent.glob(f"{m.name}-*.duckdb"))]) or path
+    if db is None and not path.exists():  # the hint names the model: without --model, index build reads the default one
+        how = "" if model == "default" else f" --model {shlex.quote(model)}"
+        hint = f"build one with `mechscope index build{how}`, or give --db"
+        raise MechscopeError(f"no index of this model at {str(path)!r}: {hint}")
     index = Index(path, model=m, warn=False)
     if index.unfinished:
         Console(stderr=True).print(f"[yellow]note:[/] {shown(index.unfinished)}", highlight=False, soft_wrap=True)
@@ -183,16 +190,16 @@ def _number(x: float, spec: str = ".3g") -> str:
 
 def _summary_table(summaries, path: Path, settings: PolySettings) -> Table:
     table = Table(title=literal(f"polysemanticity from {path}"), title_justify="left")
-    for column in ("group", "units", "dead", "median density", "median kurtosis", "median entropy (bits)",
-                   "median clusters", "median F1", "F1 >= 0.5"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "group" else "right")
+    for column in ("group", "units", "dead", "density", "kurtosis", "entropy", "clusters", "F1", "F1 >= 0.5"):
+        table.add_column(column, justify="left" if column == "group" else "right", overflow="fold")  # wrap, never cut
     for s in summaries:
         table.add_row(literal(s.group), f"{s.units:,}", f"{s.dead:,}", _number(s.median_density, ".2%"),
                       _number(s.median_kurtosis), _number(s.median_entropy, ".2f"), _number(s.median_clusters, ".1f"),
                       _number(s.median_f1, ".2f"), _number(s.explained, ".1%"))  # fmt: skip
     table.caption = (
-        f"medians over live units; F1 of the best n-gram (n <= 3) at firing = activation >= {settings.fire_share:g} x max, "
-        f"on held-out tokens; clusters at similarity >= {settings.similarity:g}"
+        "medians over live units (entropy in bits); F1 >= 0.5: the share of live units whose best n-gram (n <= 3) "
+        f"scores F1 >= 0.5 on held-out tokens, firing at activation >= {settings.fire_share:g} x max; "
+        f"clusters at similarity >= {settings.similarity:g}"
     )
     return table
 
@@ -201,7 +208,7 @@ def _unit_table(rows) -> Table:
     table = Table(title="units", title_justify="left")
     for column in ("unit", "density", "kurtosis", "entropy", "examples", "clusters", "n-gram", "fires at", "precision",
                    "recall", "F1"):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("unit", "n-gram") else "right")
+        table.add_column(column, justify="left" if column in ("unit", "n-gram") else "right", overflow="fold")
     for r in rows:
         table.add_row(literal(r.unit.name), _number(r.density, ".2%"), _number(r.kurtosis), _number(r.token_entropy, ".2f"),
                       str(r.examples), str(r.clusters), literal(_ngram_text(r)), _number(r.fire_threshold),

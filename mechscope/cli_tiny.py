@@ -32,11 +32,16 @@ def train_tiny(
 
     out = out if out is not None else Path(f"tiny-{config.act}")
     check_folder("--out", out)
+    from mechscope.toys.tiny_train import finished_run
+
+    if finished_run(config, out) is not None:
+        console.print(f"{shown(out)} already holds this run, trained with these settings: not training again")
     run = run_training(config, out)
+    took = f"{run.seconds / 60:.1f} min" if run.seconds >= 60 else f"{run.seconds:.0f} s"
     console.print(
         f"tiny model {shown(run.folder)}: {config.act}, {config.layers} layers, d_model {config.d_model} · "
         f"{run.params:,} parameters · {run.tokens:,} tokens · held-out loss {run.held_out_loss:.3f} · "
-        f"{run.seconds / 60:.1f} min ({run.tokens_per_second:,.0f} tokens/s)"
+        f"{took} ({run.tokens_per_second:,.0f} tokens/s)"
     )
     console.print(f"load it with mechscope.load({str(run.folder)!r}); curves: {shown(run.folder / 'curves.png')}")
 

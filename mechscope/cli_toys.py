@@ -83,6 +83,8 @@ def superposition_command(
     if m >= n:
         raise MechscopeError(f"--m {m} is not below --n {n}: superposition needs fewer hidden dimensions than features")
     levels = _sparsities(sparsity)
+    if not 0 < importance <= 1:
+        raise MechscopeError(f"--importance {importance} is out of range: give a decay in (0, 1] (I_i = importance^i)")
     check_range("--seeds", seeds, 1, 64)
     check_range("--steps", steps, 1, MAX_STEPS)
     _instances(len(levels) * seeds)
@@ -90,7 +92,8 @@ def superposition_command(
     cfg = ToyConfig(n_features=n, n_hidden=m, probabilities=tuple(1 - s for s in levels), seeds=seeds,
                     importance=importance, relu=not linear, steps=steps)  # fmt: skip
     result = train_toy(cfg).best()
-    table = Table(title=f"{n} features in {m} dimensions (best of {seeds} seeds per level)", title_justify="left")
+    kind = "linear model: " if linear else ""
+    table = Table(title=f"{kind}{n} features in {m} dimensions (best of {seeds} seeds per level)", title_justify="left")
     for column in ("sparsity S", "represented (‖W_i‖ > 0.5)", "D* = m/‖W‖²_F", "loss"):
         table.add_column(column, justify="right")
     for s, count, d, loss in zip(levels, represented(result.W), dimensions_per_feature(result.W), result.loss, strict=True):
@@ -104,14 +107,14 @@ def superposition_command(
     if len(levels) > 1:
         paths.append(toy_plots.dimensionality_png(result, out / "dimensionality.png"))
         figures.append(("dimensions per feature", toy_plots.dimensionality_figure(result)))
-    paths.append(_report(out, f"toy model: {n} features in {m} dimensions", figures))
+    paths.append(_report(out, f"{'linear ' if linear else ''}toy model: {n} features in {m} dimensions", figures))
     _written(paths)
 
 
 @toy_app.command("phase-diagram")
 def phase_diagram_command(
-    densities: Annotated[int, typer.Option(help="Feature densities p, log-spaced from 0.01 to 1.")] = 12,
-    importances: Annotated[int, typer.Option(help="Relative importances of feature 2, log-spaced from 0.1 to 10.")] = 11,
+    densities: Annotated[int, typer.Option(help="How many feature densities p (columns), log-spaced from 0.01 to 1.")] = 12,
+    importances: Annotated[int, typer.Option(help="How many importances of feature 2 (rows), log-spaced from 0.1 to 10.")] = 11,
     seeds: SeedsOpt = 5,
     steps: StepsOpt = 10_000,
     out: OutOpt = Path("reports/toy-phase"),

@@ -39,7 +39,7 @@ def test_phase_diagram_and_dimensionality_run(monkeypatch, capsys, tmp_path):
         (["superposition", "--sparsity", "1"], "error: --sparsity 1 is out of range: S must be in [0, 1)"),
         (["superposition", "--sparsity", "0.5,x"], "error: --sparsity 'x' is not a number"),
         (["superposition", "--steps", "0"], "error: --steps 0 is out of range"),
-        (["superposition", "--importance", "0"], "error: importance=0.0 is invalid"),
+        (["superposition", "--importance", "0"], "error: --importance 0.0 is out of range: give a decay in (0, 1]"),
         (["dimensionality", "--n", "10", "--m", "20"], "error: --m 20 is not below --n 10"),
         (["phase-diagram", "--densities", "1"], "error: --densities 1 is out of range"),
         (["phase-diagram", "--seeds", "64", "--densities", "50", "--importances", "50"], "instances requested"),

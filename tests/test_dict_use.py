@@ -171,8 +171,8 @@ def test_dictionary_commands_end_to_end(tmp_path, model_folder, run):
         (("steer", TEXT, "--feature", "nofolder"), "write DIR:FEATURE"),
         (("steer", TEXT), "no steering given"),
         (("eval-dict", "/no/such/dict"), "no dictionary folder"),
-        (("train-dict", "--out", "/tmp/x", "--k", "0"), "k=0 is invalid"),
-        (("train-dict", "--out", "/tmp/x", "--activation", "gelu"), "unknown activation 'gelu'"),
+        (("train-dict", "--out", "/tmp/x", "--k", "0"), "--k 0 is invalid"),
+        (("train-dict", "--out", "/tmp/x", "--activation", "gelu"), "unknown --activation 'gelu'"),
         (("harvest", SITE, "--out", "/tmp/h", "--tokens", "0"), "--tokens 0 is out of range"),
     ],
 )
@@ -222,8 +222,8 @@ def test_train_dict_refuses_a_bad_store_or_setting_in_one_line(tmp_path, run, mo
         (("--store", stores["short"]), "is missing shard-00001.safetensors"),
         (("--store", stores["truncated"]), "shard-00001.safetensors' cannot be read"),
         (("--k", 129), "k=129 is invalid for 128 latents"),
-        (("--k", -3), "k=-3 is invalid"),
-        (("--activation", "softmax"), "unknown activation 'softmax'"),
+        (("--k", -3), "--k -3 is invalid"),
+        (("--activation", "softmax"), "unknown --activation 'softmax'"),
         (("--write-sites", "blocks.1.hook_nothing"), "unknown site"),
         (
             ("--store", good, "--write-sites", "blocks.0.hook_resid_post"),

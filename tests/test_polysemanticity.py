@@ -395,7 +395,7 @@ def test_the_command_prints_the_headline_and_writes_every_file(real, run, tmp_pa
         (["--unit", "0:48"], "unit '0:48' out of range: blocks.0.mlp.hook_post has units 0..47"),
         (["--dict", "res2"], "dictionary 'res2' is not in this index: it holds res1"),
         (["--csv", "out.txt"], "--csv 'out.txt' does not end in .csv"),
-        (["--fire-share", "2"], "fire_share 2.0 is out of range: valid values are numbers in (0, 1]"),
+        (["--fire-share", "2"], "--fire-share 2.0 is out of range: valid values are numbers in (0, 1]"),
         (["--unit", "0:1", "--png", "x.png"], "--png plots groups of units: give --site or --dict as well as --unit"),
     ],
 )

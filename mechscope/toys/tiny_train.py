@@ -64,7 +64,7 @@ class TinyTrainConfig:
     n_heads: int = 4
     """Attention heads (d_head = d_model / n_heads)."""
     d_mlp: int | None = None
-    """MLP neurons per layer; None: 4 * d_model."""
+    """MLP neurons per layer; unset: 4 * d_model."""
     k: int = 32
     """Neurons kept per token by topk (1..d_mlp); other activations ignore it."""
     vocab: int = 4096
@@ -90,7 +90,7 @@ class TinyTrainConfig:
     corpus: str = "builtin:all"
     """Training text: builtin, builtin:source, builtin:all, a file or folder (every 20th document is held out)."""
     tokenizer: str | None = None
-    """A folder holding a tokenizer.json to reuse (another tiny model's); None: train one on the training documents."""
+    """A folder holding a tokenizer.json to reuse (another tiny model's); unset: train one on the training documents."""
     eval_every: int = 40
     """Steps between held-out losses (the last step always has one)."""
     eval_contexts: int = 64
@@ -98,13 +98,14 @@ class TinyTrainConfig:
     checkpoint_every: int = 100
     """Steps between checkpoints."""
     threads: int | None = None
-    """CPU threads for torch during training; None: the cores this process may run on."""
+    """CPU threads for torch during training; unset: the cores this process may run on."""
 
     def __post_init__(self):
         for name in ("vocab", "ctx_len", "batch", "tokens", "eval_every", "eval_contexts", "checkpoint_every", "warmup_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "warmup_steps" else 1):
-                raise MechscopeError(f"{name}={value!r} is invalid: it must be a positive integer")
+            low = 0 if name == "warmup_steps" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise MechscopeError(f"{name}={value!r} is invalid: it must be an integer of at least {low}")
         check_shape(self.act, self.layers, self.d_model, self.n_heads, self.d_mlp_or_default, self.k)  # with the valid ranges
         if not 512 <= self.vocab <= 8192:
             raise MechscopeError(f"vocab={self.vocab} is out of range: valid values are 512..8192")
@@ -114,10 +115,13 @@ class TinyTrainConfig:
             raise MechscopeError(
                 f"tokens={self.tokens} is less than one step of batch x ctx_len = {self.batch * self.ctx_len} tokens"
             )
-        if not (self.lr > 0 and 0 <= self.min_lr_fraction <= 1 and self.weight_decay >= 0 and self.grad_clip > 0):
-            raise MechscopeError("lr and grad_clip must be positive, min_lr_fraction in 0..1 and weight_decay at least 0")
+        for name, ok, valid in (("lr", self.lr > 0, "a positive number"), ("grad_clip", self.grad_clip > 0, "a positive number"),
+                                ("min_lr_fraction", 0 <= self.min_lr_fraction <= 1, "a number in [0, 1]"),
+                                ("weight_decay", self.weight_decay >= 0, "a number of at least 0")):  # fmt: skip
+            if not ok:
+                raise MechscopeError(f"{name}={getattr(self, name)!r} is invalid: give {valid}")
         if self.threads is not None and self.threads < 1:
-            raise MechscopeError(f"threads={self.threads} is invalid: give at least 1, or None for every available core")
+            raise MechscopeError(f"threads={self.threads} is invalid: give at least 1, or leave it unset for every core")
 
     @property
     def d_mlp_or_default(self) -> int:
@@ -207,7 +211,7 @@ def _refuse_other_settings(saved: dict, cfg: TinyTrainConfig, where: str, what: 
         raise MechscopeError(f"{where!r} holds {what} with other settings: {shown}; run it with those, or give another folder")
 
 
-def _finished(cfg: TinyTrainConfig, out: Path) -> TinyRun | None:
+def finished_run(cfg: TinyTrainConfig, out: Path) -> TinyRun | None:
     """The result of a run already saved in `out` with these settings; None if `out` is new or empty."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
@@ -388,7 +392,7 @@ def train_tiny(cfg: TinyTrainConfig, out: str | Path, show_progress: bool = True
         raise MechscopeError(
             f"tokenizer={cfg.tokenizer!r} has no tokenizer.json: give a folder holding one (another tiny model's)"
         )
-    if (done := _finished(cfg, out)) is not None:
+    if (done := finished_run(cfg, out)) is not None:
         return done
     previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or available_cores())

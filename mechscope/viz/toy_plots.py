@@ -38,6 +38,11 @@ def _plt():
     return plt
 
 
+def _title(result: ToyResult) -> str:
+    kind = "linear toy model" if not result.cfg.relu else "toy model"
+    return f"{kind}: {result.cfg.n_features} features in {result.cfg.n_hidden} dimensions"
+
+
 def _sparsity(p: float) -> str:
     return f"S = {1 - p:.3g}"
 
@@ -45,9 +50,11 @@ def _sparsity(p: float) -> str:
 def features_png(result: ToyResult, out: str | Path) -> Path:
     """W Wᵀ and the feature norms coloured by superposition, one column per instance of `result`."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     count = len(result.probabilities)
     fig, axes = plt.subplots(2, count, figsize=(2.3 * count + 1, 6), squeeze=False, constrained_layout=True)
-    interference = superposition(result.W).clamp(0, 1)
+    interference = superposition(result.W).clamp(0, 2)  # 1: an antipodal pair; about 2: a pentagon
     norms = result.W.norm(dim=-1)
     for j, p in enumerate(result.probabilities):
         gram = result.W[j] @ result.W[j].T
@@ -55,7 +62,8 @@ def features_png(result: ToyResult, out: str | Path) -> Path:
         axes[0, j].set_title(_sparsity(p), fontsize=9)
         axes[0, j].set_xticks([]), axes[0, j].set_yticks([])
         n = len(norms[j])
-        axes[1, j].barh(range(n), norms[j].numpy(), color=plt.cm.viridis(interference[j].numpy()))
+        axes[1, j].barh(range(n), norms[j].numpy(), color=plt.cm.viridis(interference[j].numpy() / 2))
+        axes[1, j].yaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1, j].invert_yaxis()
         axes[1, j].set_xlim(0, max(1.5, float(norms.max()) * 1.05))
         axes[1, j].set_xlabel("‖W_i‖", fontsize=8)
@@ -63,9 +71,9 @@ def features_png(result: ToyResult, out: str | Path) -> Path:
     axes[0, 0].set_ylabel("W Wᵀ (feature × feature)", fontsize=8)
     axes[1, 0].set_ylabel("feature i", fontsize=8)
     fig.colorbar(image, ax=axes[0, :], shrink=0.8, label="W_i · W_j")
-    bar = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 1))
-    fig.colorbar(bar, ax=axes[1, :], shrink=0.8, label="superposition Σ_j≠i (Ŵ_i·W_j)²")
-    fig.suptitle(f"toy model: {result.cfg.n_features} features in {result.cfg.n_hidden} dimensions", fontsize=11)
+    bar = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 2))
+    fig.colorbar(bar, ax=axes[1, :], shrink=0.8, label="superposition Σ_j≠i (Ŵ_i·W_j)², capped at 2")
+    fig.suptitle(_title(result), fontsize=11)
     return save_png(fig, out)
 
 
@@ -85,7 +93,7 @@ def geometry_png(result: ToyResult, out: str | Path) -> Path:
         ax.set_aspect("equal")
         ax.set_title(_sparsity(p), fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.suptitle("feature embeddings W_i in the 2 hidden dimensions (number = importance rank)", fontsize=10)
+    fig.suptitle(f"{_title(result)}: embeddings W_i in the 2 hidden dimensions (number = importance rank)", fontsize=10)
     return save_png(fig, out)
 
 
@@ -123,7 +131,7 @@ def phase_png(diagram: PhaseDiagram, out: str | Path) -> Path:
 def dimensionality_png(result: ToyResult, out: str | Path) -> Path:
     """D* against 1/(1 − S) with the 1/2 line, and every represented feature's D_i against 1/(1 − S)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, constrained_layout=True)
     inverse = [1 / p for p in result.probabilities]
     axes[0].plot(inverse, dimensions_per_feature(result.W).tolist(), "o-", ms=3)
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -143,7 +151,7 @@ def dimensionality_png(result: ToyResult, out: str | Path) -> Path:
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())  # no "2 x 10^0" labels crowding the decade
         ax.set_xlabel("1 / (1 − S)")
-    fig.suptitle(f"{result.cfg.n_features} features in {result.cfg.n_hidden} dimensions", fontsize=11)
+    fig.suptitle(_title(result), fontsize=11)
     return save_png(fig, out)
 
 
@@ -161,14 +169,14 @@ def features_figure(result: ToyResult):
                                  showscale=j == 0, colorbar=dict(title="W_i·W_j", len=0.45, y=0.78),
                                  hovertemplate="i=%{y} j=%{x}: %{z:.3f}<extra></extra>"), 1, j + 1)  # fmt: skip
         fig.add_trace(go.Bar(x=W.norm(dim=-1).tolist(), y=list(range(len(W))), orientation="h",
-                             marker=dict(color=interference[j].tolist(), colorscale="Viridis", cmin=0, cmax=1,
+                             marker=dict(color=interference[j].tolist(), colorscale="Viridis", cmin=0, cmax=2,
                                          showscale=j == 0, colorbar=dict(title="superposition", len=0.45, y=0.22)),
                              customdata=interference[j].tolist(),
                              hovertemplate="feature %{y}: ‖W_i‖ %{x:.3f}, superposition %{customdata:.3f}<extra></extra>"),
                       2, j + 1)  # fmt: skip
         fig.update_yaxes(autorange="reversed", row=1, col=j + 1)
         fig.update_yaxes(autorange="reversed", row=2, col=j + 1)
-    fig.update_layout(height=640, showlegend=False, title=f"{result.cfg.n_features} features in {result.cfg.n_hidden} dimensions")
+    fig.update_layout(height=640, showlegend=False, title=_title(result))
     return fig
 
 
