@@ -301,7 +301,8 @@ def test_cli_trains_and_refuses_in_one_line(tmp_path, monkeypatch, capsys, text_
     assert "tiny model" in stdout and "held-out loss" in stdout and "parameters" in stdout
     assert mechscope.load(out).dims.n_layers == 1
     code, _, stderr = invoke_cli(monkeypatch, capsys, "train-tiny", "--act", "topk", "--k", "2000", "--out", tmp_path / "x")
-    assert code == 2 and stderr.count("\n") == 1 and "--k 2000 is out of range for --d-mlp 1024: valid values are 1..1024" in stderr
+    assert code == 2 and stderr.count("\n") == 1
+    assert "--k 2000 is out of range for --d-mlp 1024: valid values are 1..1024" in stderr
     assert not (tmp_path / "x").exists()
 
 
