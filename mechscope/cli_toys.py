@@ -47,6 +47,13 @@ def _sparsities(values: list[str]) -> list[float]:
     return levels
 
 
+def _check_sizes(n: int, m: int) -> None:
+    check_range("--n", n, 2, 10_000)
+    check_range("--m", m, 1, 10_000)
+    if m >= n:
+        raise MechscopeError(f"--m {m} is not below --n {n}: superposition needs fewer hidden dimensions than features")
+
+
 def _instances(count: int) -> None:
     if count > MAX_INSTANCES:
         raise MechscopeError(f"{count} instances requested: at most {MAX_INSTANCES} train at once (fewer levels or seeds)")
@@ -78,10 +85,7 @@ def superposition_command(
     from mechscope.toys import ToyConfig, dimensions_per_feature, represented, train_toy
     from mechscope.viz import toy_plots
 
-    check_range("--n", n, 2, 10_000)
-    check_range("--m", m, 1, 10_000)
-    if m >= n:
-        raise MechscopeError(f"--m {m} is not below --n {n}: superposition needs fewer hidden dimensions than features")
+    _check_sizes(n, m)
     levels = _sparsities(sparsity)
     if not 0 < importance <= 1:
         raise MechscopeError(f"--importance {importance} is out of range: give a decay in (0, 1] (I_i = importance^i)")
@@ -157,10 +161,7 @@ def dimensionality_command(
     from mechscope.toys.superposition import feature_dimensionality, fraction_lines, sparsity_levels
     from mechscope.viz import toy_plots
 
-    check_range("--n", n, 2, 10_000)
-    check_range("--m", m, 1, 10_000)
-    if m >= n:
-        raise MechscopeError(f"--m {m} is not below --n {n}: superposition needs fewer hidden dimensions than features")
+    _check_sizes(n, m)
     check_range("--levels", levels, 2, 200)
     check_range("--steps", steps, 1, MAX_STEPS)
     check_folder("--out", out)
