@@ -268,7 +268,8 @@ def distributions_png(groups: list[tuple[str, list]], out: Path | str, title: st
             median = f", median {np.median(values):.3g}" if len(values) else ""
             ax.hist(values, bins=bins, histtype="step", lw=1.4, density=True, label=f"{name} ({len(values):,}{median})")
         ax.set_title(label, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_ylabel("share of units (per unit of x)", fontsize=8)  # normalised counts, not the density metric
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
     fig.suptitle(title.replace("$", r"\$"), fontsize=11)
     save_png(fig, out)
 
