@@ -71,6 +71,20 @@ _LLAMA_LIKE = dict(
     heads_out="self_attn.o_proj",
 )
 
+_GPT2_LIKE = dict(
+    blocks="transformer.h",
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    final_norm="transformer.ln_f",
+    unembed="lm_head",
+    attn="attn",
+    attn_out="attn",
+    mlp_out="mlp",
+    mlp_norm="ln_2",
+    neurons="mlp.c_proj",
+    heads_out="attn.c_proj",
+)
+
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(name="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"), **_LLAMA_LIKE),
     Adapter(
@@ -91,21 +105,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         model_types=("phi3",),
         **{**_LLAMA_LIKE, "attn_out": "resid_attn_dropout", "mlp_out": "resid_mlp_dropout"},
     ),
-    Adapter(
-        name="gpt2",
-        model_types=("gpt2",),
-        blocks="transformer.h",
-        embed="transformer.wte",
-        pos_embed="transformer.wpe",
-        final_norm="transformer.ln_f",
-        unembed="lm_head",
-        attn="attn",
-        attn_out="attn",
-        mlp_out="mlp",
-        mlp_norm="ln_2",
-        neurons="mlp.c_proj",
-        heads_out="attn.c_proj",
-    ),
+    Adapter(name="gpt2", model_types=("gpt2",), **_GPT2_LIKE),
     Adapter(
         name="gpt_neox",
         model_types=("gpt_neox",),
@@ -122,19 +122,9 @@ ADAPTERS: tuple[Adapter, ...] = (
         parallel="use_parallel_residual",
     ),
     Adapter(
-        name="mechscope_tiny",  # the tiny GELU / SoLU / TopK models of mechscope.toys.tiny_model
+        name="mechscope_tiny",  # the tiny GELU / SoLU / TopK models of mechscope.toys.tiny_model: GPT-2's layout
         model_types=("mechscope_tiny",),
-        blocks="transformer.h",
-        embed="transformer.wte",
-        pos_embed="transformer.wpe",
-        final_norm="transformer.ln_f",
-        unembed="lm_head",
-        attn="attn",
-        attn_out="attn",
-        mlp_out="mlp",
-        mlp_norm="ln_2",
-        neurons="mlp.fc_out",
-        heads_out="attn.o_proj",
+        **{**_GPT2_LIKE, "neurons": "mlp.fc_out", "heads_out": "attn.o_proj"},
     ),
 )
 
