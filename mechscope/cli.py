@@ -33,6 +33,7 @@ from mechscope.cli_common import (
 from mechscope.cli_dict import register as register_dictionary_commands
 from mechscope.cli_index import index_app
 from mechscope.cli_poly import register as register_polysemanticity_commands
+from mechscope.cli_serve import register as register_serve_command
 from mechscope.cli_tiny import register as register_tiny_commands
 from mechscope.cli_toys import register as register_toy_commands
 from mechscope.errors import MechscopeError
@@ -48,6 +49,7 @@ register_dictionary_commands(app)
 register_toy_commands(app)
 register_tiny_commands(app)
 register_polysemanticity_commands(app)
+register_serve_command(app)
 console = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local HF folder, a .gguf file, or a hub id.")]
