@@ -18,6 +18,9 @@ the prompt, the target and the corpus is shown as written (never read as markup)
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import sys
 import time
 from contextlib import closing
 from pathlib import Path
@@ -36,7 +39,7 @@ from mechscope.attribution import (
     rank_units,
     rankings_table,
 )
-from mechscope.demo_dictionary import dictionary_sections, plain_table
+from mechscope.demo_dictionary import SAE_FOLDER, dictionary_sections, feature_index_path, plain_table
 from mechscope.errors import MechscopeError
 from mechscope.index import store
 from mechscope.index.build import IndexSettings, build_index, default_index_path
@@ -162,4 +165,17 @@ def run_demo(console: Console, out: Path, text: str, target: str) -> Path:
     )
     png = viz.lens_png(lens, out / "demo-lens.png")
     console.print(Text("HTML report: ") + plain(str(report.resolve()), "bold") + plain(f"\nPNG: {png.resolve()}"))
+    console.print(Text("\nexplore it in the browser: ") + plain(explorer_command(model), "bold"), soft_wrap=True)
     return report
+
+
+def explorer_command(model) -> str:
+    """The one command that opens the web explorer on what the demo built: the model's neuron index, the SAE
+    and the index of its features (`mechscope serve`)."""
+    venv = Path(sys.executable).parent / "mechscope"
+    exe = venv if venv.exists() else Path("mechscope")
+    with contextlib.suppress(ValueError):
+        exe = exe.relative_to(Path.cwd())
+    parts = [str(exe), "serve", "--db", str(default_index_path(model.name)), "--db", str(feature_index_path(model)),
+             "--dict", str(SAE_FOLDER), "--open"]  # fmt: skip
+    return shlex.join(parts)

@@ -68,10 +68,15 @@ def plain_table(title: str, header: list[str], rows: list[tuple]) -> Table:
     return table
 
 
+def feature_index_path(model) -> Path:
+    """Where the demo keeps its index of the SAE's features."""
+    return default_index_path(model.name).with_name(f"{model.name}-{SAE_NAME}.duckdb")
+
+
 def feature_index(model, sae, console: Console) -> Path:
     """An index of every feature of the demo's SAE over the built-in corpus: used when complete and of this SAE,
     else built anew."""
-    path = default_index_path(model.name).with_name(f"{model.name}-{SAE_NAME}.duckdb")
+    path = feature_index_path(model)
     if path.exists():
         with closing(store.open_index(path)) as con:
             meta = store.read_meta(con)
