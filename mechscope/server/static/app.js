@@ -168,8 +168,8 @@ async function attribute() {
 
 // -- a unit's page ----------------------------------------------------------------------------------------
 
-function tokenSpans(tokens, values, at) {
-  const max = Math.max(1e-9, ...values.filter((v) => v !== null).map(Math.abs));
+function tokenSpans(tokens, values, at, scale) {
+  const max = scale ?? Math.max(1e-9, ...values.filter((v) => v !== null).map(Math.abs));
   return tokens.map((token, i) => {
     const span = el("span", token.replace(/\n/g, "⏎"));
     const v = values[i];
@@ -209,6 +209,15 @@ function histogram(h) {
   box.append(svg);
 }
 
+function heatmap(h) {
+  // The first token's activation is often an outlier (an attention sink, or a position a dictionary skips):
+  // the colours are scaled to the largest value after it, so the rest of the prompt stays visible.
+  const rest = h.values.length > 1 ? h.values.slice(1) : h.values;
+  const scale = Math.max(1e-9, ...rest.map(Math.abs));
+  const caption = `${h.label} on the prompt (max ${fmt(Math.max(...h.values))}; colours scaled to ${fmt(scale)}, the largest after the first token)`;
+  return [el("div", caption, "hint"), ...tokenSpans(h.tokens, h.values, -1, scale)];
+}
+
 async function openUnit() {
   const unit = $("unit").value.trim();
   if (!unit) return showError("give a unit: a neuron L:N, a head L.H or a feature f:NAME:F");
@@ -222,14 +231,15 @@ async function openUnit() {
   $("unit-title").textContent = `${data.kind} ${data.unit}`;
   $("unit-about").textContent = data.about;
   $("unit-note").textContent = data.note || "";
-  $("unit-heatmap").replaceChildren(...(data.heatmap
-    ? [el("div", `${data.heatmap.label} on the prompt (max ${fmt(Math.max(...data.heatmap.values))})`, "hint"), ...tokenSpans(data.heatmap.tokens, data.heatmap.values, -1)]
-    : []));
-  fill($("unit-stats"), ["tokens", "mean", "std", "max", "density"],
-    data.stats ? [[String(data.stats.tokens), data.stats.mean, data.stats.std, data.stats.max, `${(100 * data.stats.density).toFixed(2)}%`]] : []);
+  $("unit-heatmap").replaceChildren(...(data.heatmap ? heatmap(data.heatmap) : []));
+  if (data.stats) fill($("unit-stats"), ["tokens", "mean", "std", "max", "density"],
+    [[String(data.stats.tokens), data.stats.mean, data.stats.std, data.stats.max, `${(100 * data.stats.density).toFixed(2)}%`]]);
+  else $("unit-stats").replaceChildren();
   histogram(data.histogram);
+  $("unit-stats").parentElement.hidden = !data.stats && !data.histogram; // no empty column before "Raises"
   fill($("promoted"), ["token", "weight"], (data.promoted || []).map((t) => [JSON.stringify(t.token), t.weight]));
   fill($("suppressed"), ["token", "weight"], (data.suppressed || []).map((t) => [JSON.stringify(t.token), t.weight]));
+  $("examples-part").hidden = !data.top.length && !data.samples.length;
   $("top-examples").replaceChildren(...data.top.map(example));
   const samples = $("samples");
   samples.replaceChildren();
@@ -280,7 +290,11 @@ async function patch() {
   data.rows.forEach((label, r) => {
     const tr = el("tr");
     tr.append(el("th", label));
-    data.grid[r].forEach((v) => { const td = el("td", v.toFixed(2), "num"); td.style.background = heat(v, 1); tr.append(td); });
+    data.grid[r].forEach((v) => {
+      const td = el("td", (Math.abs(v) < 0.005 ? 0 : v).toFixed(2), "num"); // never "-0.00"
+      td.style.background = heat(v, 1);
+      tr.append(td);
+    });
     table.append(tr);
   });
 }
