@@ -327,7 +327,9 @@ def test_feature_page(page, smollm2, explorer):
     spans = page.locator("#unit-heatmap span")
     assert spans.all_text_contents() == tokens
     assert close(spans.nth(paris).get_attribute("title"), float(acts[paris, feature]), 4)
-    assert page.locator("#unit-heatmap .hint").inner_text().startswith(f"feature {feature} on the prompt (max ")
+    skipped = f"feature {feature} (not read on the first {sae.cfg.skip_positions} tokens) on the prompt (max "
+    assert page.locator("#unit-heatmap .hint").inner_text().startswith(skipped)
+    assert spans.nth(0).get_attribute("title") is None  # a position the SAE skips: shown, not coloured
     assert spans.nth(paris).evaluate("s => getComputedStyle(s).backgroundColor") != "rgba(0, 0, 0, 0)"  # coloured
     expect(page.locator("h4", has_text="Raises")).to_be_visible()
     assert len(rows(page, "#promoted")) == 10 and len(rows(page, "#suppressed")) == 10

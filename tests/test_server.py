@@ -371,8 +371,10 @@ def test_a_feature_page_and_steering(smol_client, smollm2):
     assert smol_client.get("/api/info").json()["dictionaries"] == ["sae"]
     got = smol_client.post("/api/unit", json={"unit": "f:sae:7", "prompt": PROMPT}).json()
     x = smollm2.run(smollm2.to_ids(PROMPT), read=["blocks.15.hook_resid_post"]).cache["blocks.15.hook_resid_post"]
-    want = sae.encode_dense(x.float())[0, :, 7]
-    assert got["kind"] == "feature" and torch.allclose(torch.tensor(got["heatmap"]["values"]), want, atol=1e-4)
+    want, skip = sae.encode_dense(x.float())[0, :, 7], sae.cfg.skip_positions
+    values = got["heatmap"]["values"]
+    assert got["kind"] == "feature" and values[:skip] == [None] * skip and skip == 4  # positions it was not trained on
+    assert torch.allclose(torch.tensor(values[skip:]), want[skip:], atol=1e-4)
     assert "reads blocks.15.hook_resid_post" in got["about"] and got["promoted"] and got["ops"] == ["ablate", "add", "clamp"]
     body = {"prompt": PROMPT, "unit": "f:sae:7", "op": "add", "value": 20, "target": TARGET}
     r = smol_client.post("/api/intervene", json=body).json()

@@ -144,12 +144,17 @@ def _unit(ex: Explorer, text: str) -> _Unit:
 
 
 def _feature_heatmap(model, dictionary, feature: int, prompt: str) -> s.Heatmap:
+    """The feature on each token of `prompt`; None on the first `skip_positions` tokens, which the dictionary
+    was not trained on (their activations, at the attention sink, are far outside its range)."""
     from mechscope.index.features import feature_acts
 
     ids = model.to_ids(prompt)
     cache = model.run(ids, read=list(dictionary.cfg.read_sites), logits=False).cache
-    values = feature_acts(dictionary, {k: v.float() for k, v in cache.items()}, skip=0)[:, feature]
-    return s.Heatmap(tokens=model.to_str_tokens(ids[0]), values=values.tolist(), label=f"feature {feature}")
+    values = feature_acts(dictionary, {k: v.float() for k, v in cache.items()}, skip=0)[:, feature].tolist()
+    skip = dictionary.cfg.skip_positions
+    values = [None if i < skip else v for i, v in enumerate(values)]
+    label = f"feature {feature}" + (f" (not read on the first {skip} tokens)" if skip else "")
+    return s.Heatmap(tokens=model.to_str_tokens(ids[0]), values=values, label=label)
 
 
 def _index_part(ex: Explorer, name: str, n: int) -> dict:

@@ -186,7 +186,7 @@ class OutputTokenOut(BaseModel):
 
 class Heatmap(BaseModel):
     tokens: list[str]
-    values: list[float]
+    values: list[float | None] = Field(description="One per token; None where it is not read (positions a dictionary skips).")
     label: str
 
 

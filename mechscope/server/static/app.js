@@ -24,6 +24,11 @@ function shown(token) {
   return token.replace(/\n/g, "⏎").replace(/ /g, "·");
 }
 
+function quoted(token) {
+  // A token in quotes as it is (the server already shows undecodable bytes as escapes), newlines as "⏎".
+  return `"${String(token).replace(/\n/g, "⏎")}"`;
+}
+
 function heat(value, max) {
   // White to orange for positive values, white to blue for negative ones.
   const t = max > 0 ? Math.max(-1, Math.min(1, value / max)) : 0;
@@ -106,10 +111,10 @@ async function predict() {
   $("prediction").hidden = false;
   $("attribution-section").hidden = !target;
   $("target-prob").textContent = data.target
-    ? `P(${JSON.stringify(data.target.target)}) = ${fmt(data.target.prob)}, rank ${data.target.rank} (first token ${JSON.stringify(data.target.token)})`
+    ? `P(${quoted(data.target.target)}) = ${fmt(data.target.prob)}, rank ${data.target.rank} (first token ${quoted(data.target.token)})`
     : "Give a target to see its probability and the units behind it.";
   fill($("distribution"), ["token", "prob"],
-    data.top.map((t) => [JSON.stringify(t.token), t.prob]));
+    data.top.map((t) => [quoted(t.token), t.prob]));
   drawLens(data);
 }
 
@@ -142,9 +147,9 @@ function drawLens(data) {
 
 function lensCell(data, r, p) {
   const box = $("lens-cell");
-  box.replaceChildren(el("h4", `after layer ${data.lens.rows[r]}, position ${p} (${JSON.stringify(data.tokens[p])})`));
+  box.replaceChildren(el("h4", `after layer ${data.lens.rows[r]}, position ${p} (${quoted(data.tokens[p])})`));
   const table = el("table");
-  fill(table, ["token", "prob"], data.lens.top[r][p].map((t) => [JSON.stringify(t.token), t.prob]));
+  fill(table, ["token", "prob"], data.lens.top[r][p].map((t) => [quoted(t.token), t.prob]));
   box.append(table);
 }
 
@@ -210,11 +215,13 @@ function histogram(h) {
 }
 
 function heatmap(h) {
-  // The first token's activation is often an outlier (an attention sink, or a position a dictionary skips):
-  // the colours are scaled to the largest value after it, so the rest of the prompt stays visible.
-  const rest = h.values.length > 1 ? h.values.slice(1) : h.values;
+  // The first token's activation is often an outlier (an attention sink): colours are scaled to the largest
+  // value after it, so the rest of the prompt stays visible. Positions a dictionary skips are null (uncoloured).
+  const known = h.values.filter((v) => v !== null);
+  const rest = h.values.length > 1 ? h.values.slice(1).filter((v) => v !== null) : known;
   const scale = Math.max(1e-9, ...rest.map(Math.abs));
-  const caption = `${h.label} on the prompt (max ${fmt(Math.max(...h.values))}; colours scaled to ${fmt(scale)}, the largest after the first token)`;
+  const max = known.length ? fmt(Math.max(...known)) : "–";
+  const caption = `${h.label} on the prompt (max ${max}; colours scaled to ${fmt(scale)}, the largest after the first token)`;
   return [el("div", caption, "hint"), ...tokenSpans(h.tokens, h.values, -1, scale)];
 }
 
@@ -237,8 +244,8 @@ async function openUnit() {
   else $("unit-stats").replaceChildren();
   histogram(data.histogram);
   $("unit-stats").parentElement.hidden = !data.stats && !data.histogram; // no empty column before "Raises"
-  fill($("promoted"), ["token", "weight"], (data.promoted || []).map((t) => [JSON.stringify(t.token), t.weight]));
-  fill($("suppressed"), ["token", "weight"], (data.suppressed || []).map((t) => [JSON.stringify(t.token), t.weight]));
+  fill($("promoted"), ["token", "weight"], (data.promoted || []).map((t) => [quoted(t.token), t.weight]));
+  fill($("suppressed"), ["token", "weight"], (data.suppressed || []).map((t) => [quoted(t.token), t.weight]));
   $("examples-part").hidden = !data.top.length && !data.samples.length;
   $("top-examples").replaceChildren(...data.top.map(example));
   const samples = $("samples");
@@ -264,11 +271,11 @@ async function applyIntervention() {
   $("intervention-summary").textContent = `${data.intervention}: KL(before ‖ after) = ${fmt(data.kl)} nats`;
   const t = data.target;
   $("target-change").textContent = t
-    ? `P(${JSON.stringify(target)}): ${fmt(t.prob_before)} → ${fmt(t.prob_after)} (${t.prob_after >= t.prob_before ? "+" : ""}${fmt(t.prob_after - t.prob_before)})`
+    ? `P(${quoted(target)}): ${fmt(t.prob_before)} → ${fmt(t.prob_after)} (${t.prob_after >= t.prob_before ? "+" : ""}${fmt(t.prob_after - t.prob_before)})`
     : "";
   $("target-change").className = t ? (t.prob_after >= t.prob_before ? "up" : "down") : "";
   fill($("deltas"), ["token", "before", "after", "change"],
-    data.deltas.map((d) => [JSON.stringify(d.token), d.prob_before, d.prob_after, d.prob_after - d.prob_before]));
+    data.deltas.map((d) => [quoted(d.token), d.prob_before, d.prob_after, d.prob_after - d.prob_before]));
   $("generation-before").textContent = data.generation_before ?? "(no generation asked for)";
   $("generation-after").textContent = data.generation_after ?? "";
 }
