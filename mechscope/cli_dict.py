@@ -55,9 +55,11 @@ def harvest(
         str, typer.Option(help="Model dtype while harvesting: float32, or bfloat16 (faster on CPUs with bf16 matmuls).")
     ] = "float32",
 ):
-    """Write site activations to a disk store (safetensors shards + manifest) for dictionary training; resumable."""
+    """Write site activations to a disk store (safetensors shards + manifest) for dictionary training; resumable;
+    under torchrun, the processes share the shards of one store."""
     from mechscope.activations import HarvestSettings, StreamSpec
     from mechscope.activations import harvest as run_harvest
+    from mechscope.runtime import Ranks
 
     check_range("--tokens", tokens, 1, MAX_TOKENS)
     check_range("--ctx-len", ctx_len, 8, 8192)
@@ -67,6 +69,8 @@ def harvest(
     m = _load(model, model_dtype)
     check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
     manifest = run_harvest(m, StreamSpec(tuple(sites), corpus, ctx_len=ctx_len), out, settings)
+    if not Ranks.from_environment().main:  # under torchrun, rank 0 reports
+        return
     console.print(
         f"store {shown(out)}: {manifest['tokens']:,} tokens of {shown(', '.join(manifest['sites']))} "
         f"({manifest['dtype']}, {len(manifest['shards'])} shards; the first {manifest['skip']} positions of each context skipped)"
@@ -82,6 +86,7 @@ def train_dict(
 ):
     """Train a sparse dictionary (SAE, transcoder, crosscoder or CLT) on the model's activations; resumes OUT/checkpoint."""
     from mechscope.dictionaries import train_dictionary
+    from mechscope.runtime import Ranks
     from mechscope.viz.dict_plots import read_metrics, training_curves_png
 
     check_range("--tokens", config.tokens, 1, MAX_TOKENS)
@@ -89,6 +94,8 @@ def train_dict(
     check_folder("--out", out)
     m = _load(model)
     d = train_dictionary(m, config, out)
+    if not Ranks.from_environment().main:  # under torchrun, rank 0 reports and plots
+        return
     log = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
     if not log:  # a finished run whose log was removed
         console.print(f"dictionary {shown(out / 'dictionary')}: {d.cfg.kind}, {d.d_sae:,} latents (trained before; no log)")

@@ -14,6 +14,13 @@ positions are attention sinks with huge norms; see `mechscope.data.SKIP_POSITION
 to a temporary file and renamed into place, then the manifest is rewritten the same way, so a harvest
 killed at any moment resumes after its last whole shard and ends with the same content as one that
 ran through. `StoreSource` reads the shards memory-mapped, a few at a time, in a seeded order.
+
+Under `torchrun` (WORLD_SIZE > 1) the processes write one store together, the one a single process
+writes, shard for shard: shard i is written by rank i % world, in rounds of `world` consecutive shards.
+After each round a barrier, then rank 0 lists the round's shards in the manifest, so the manifest never
+names a shard that is not in place. Every rank tokenises every chunk (the packing is the same on each),
+and rank 0 chains their tokens itself. A run killed at any moment resumes after its last whole round,
+with any number of processes. On several nodes the folder must be one that every node shares.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from safetensors.torch import save_file
 from mechscope.activations.source import ModelSource, StreamSpec, read_contexts
 from mechscope.data import corpus, held_out
 from mechscope.errors import MechscopeError, one_of
-from mechscope.runtime import usual_mode
+from mechscope.runtime import Ranks, usual_mode
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
@@ -113,29 +120,70 @@ def harvest(
 
     Returns the manifest. An existing store must have been harvested with the same settings (model,
     sites, corpus, ctx_len, skip, seed, dtype, shard size); asking for more tokens than it has extends it.
+    Under torchrun, each process writes its share of the shards (see the module docstring); every
+    process returns the finished manifest.
 
     >>> harvest(model, StreamSpec(("blocks.15.hook_resid_post",)), "acts/", HarvestSettings(tokens=1_000_000))
     """
     out = Path(out)
+    ranks = Ranks.from_environment()
     spec = StreamSpec(**{**asdict(spec), "chunk_contexts": settings.shard_contexts})
     source = ModelSource(model, spec, held_out(corpus(spec.corpus, field=spec.field))[0])
     want = _settings_meta(model, source, settings)
     n_shards = -(-settings.tokens // want["shard_tokens"])
-    manifest = _open_store(out, want)
+    manifest = _open_shared(out, want, ranks)
     done = len(manifest["shards"])
-    with _progress(progress, done, n_shards, want["shard_tokens"]) as (bar, task):
+    with _progress(progress and ranks.main, done, n_shards, want["shard_tokens"]) as (bar, task):
         if done < n_shards:
-            for number, contexts in source.contexts(done):
-                _write_shard(model, source, out, manifest, number, contexts, DTYPES[settings.dtype])
-                bar.update(task, completed=number + 1)
-                if number + 1 >= n_shards:
-                    break
-    manifest["complete"] = True
-    _write_json(out / MANIFEST, manifest)
-    return manifest
+            for number in _write_rounds(model, source, out, manifest, ranks, n_shards, DTYPES[settings.dtype]):
+                bar.update(task, completed=number)
+    if ranks.main:
+        manifest["complete"] = True
+        _write_json(out / MANIFEST, manifest)
+    ranks.barrier()  # every process returns once the store is complete
+    return manifest if ranks.main else read_manifest(out)
 
 
-def _open_store(out: Path, want: dict) -> dict:
+def _write_rounds(model, source: ModelSource, out: Path, manifest: dict, ranks: Ranks, n_shards: int, dtype) -> Iterator[int]:
+    """Write this rank's shards from the manifest's last one up to `n_shards`, a round of `ranks.world`
+    consecutive shards at a time; after each round's barrier rank 0 lists the round. Yields the number of
+    shards done after each round (one process: a round is one shard, the barrier does nothing)."""
+    skip = source.spec.skip
+    held: list[torch.Tensor] = []  # the tokens [n] of each shard of the round, in order
+    for number, contexts in source.contexts(len(manifest["shards"])):
+        if number % ranks.world == ranks.rank:
+            _write_shard(model, source, out, number, contexts, dtype)
+        held.append(contexts[:, skip:].reshape(-1).to(torch.int32))
+        if len(held) == ranks.world or number + 1 == n_shards:
+            ranks.barrier()  # every shard of the round is in place
+            if ranks.main:
+                _list_shards(out, manifest, number + 1 - len(held), held)
+            held = []
+            yield number + 1
+        if number + 1 >= n_shards:
+            return
+
+
+def _open_shared(out: Path, want: dict, ranks: Ranks) -> dict:
+    """The store's manifest, on every rank. Each rank checks the folder first (bad input fails alike on
+    every rank); then rank 0 alone opens or creates the store, and the others read what it wrote."""
+    _check_store(out, want)
+    ranks.barrier()
+    manifest = _open_store(out, want) if ranks.main else None
+    ranks.barrier()
+    if manifest is not None:
+        return manifest
+    if not (out / MANIFEST).is_file():
+        raise MechscopeError(
+            f"rank {ranks.rank} does not see the store that rank 0 opened at {str(out)!r}: "
+            "on several nodes, give a folder that every node shares"
+        )
+    return read_manifest(out)
+
+
+def _check_store(out: Path, want: dict) -> dict | None:
+    """The manifest of the store at `out`, harvested with the settings `want` (None: no store yet, and the
+    folder is new or empty). Writes nothing."""
     if out.exists() and not out.is_dir():
         raise MechscopeError(f"{str(out)!r} is a file: give a folder for the activation store")
     if (out / MANIFEST).exists():
@@ -144,12 +192,20 @@ def _open_store(out: Path, want: dict) -> dict:
         if differ:
             shown = ", ".join(f"{k} {manifest.get(k)!r} (asked {want[k]!r})" for k in differ[:3])
             raise MechscopeError(f"the store at {str(out)!r} was harvested with other settings: {shown}; use another folder")
+        return manifest
+    if out.is_dir() and any(out.iterdir()):
+        raise MechscopeError(f"folder {str(out)!r} is not empty and holds no activation store: give an empty or new folder")
+    return None
+
+
+def _open_store(out: Path, want: dict) -> dict:
+    """The store at `out`, cut back to its whole shards, or a new one."""
+    manifest = _check_store(out, want)
+    if manifest is not None:
         _keep_whole(out, manifest)
         _drop_partial(out, len(manifest["shards"]))
         return manifest
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
-        raise MechscopeError(f"folder {str(out)!r} is not empty and holds no activation store: give an empty or new folder")
     manifest = {
         **want,
         "shards": [],
@@ -187,7 +243,8 @@ def _drop_partial(out: Path, done: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def _write_shard(model, source: ModelSource, out: Path, manifest: dict, number: int, contexts, dtype) -> None:
+def _write_shard(model, source: ModelSource, out: Path, number: int, contexts, dtype) -> None:
+    """Run the model over one shard's `contexts` [shard_contexts, ctx_len] and write the shard file, atomically."""
     spec = source.spec
     acts = torch.cat([read_contexts(model, source.sites, c, spec.skip) for c in contexts.split(spec.batch_contexts)])
     tokens = contexts[:, spec.skip :].reshape(-1).to(torch.int32)
@@ -196,11 +253,19 @@ def _write_shard(model, source: ModelSource, out: Path, manifest: dict, number: 
     save_file({"acts": acts.to(dtype).contiguous(), "tokens": tokens.contiguous()}, str(tmp))
     usual_mode(tmp)
     os.replace(tmp, path)
-    previous = manifest["shards"][-1]["chain"] if manifest["shards"] else ""
-    chain = hashlib.sha256(previous.encode() + tokens.numpy().tobytes()).hexdigest()[:16]
-    manifest["shards"].append({"file": path.name, "tokens": len(tokens), "chain": chain})
-    manifest["tokens"] += len(tokens)
-    manifest["corpus_hash"] = chain
+
+
+def _list_shards(out: Path, manifest: dict, first: int, tokens: list[torch.Tensor]) -> None:
+    """Add the shards `first`, `first` + 1, ... (their `tokens`, in place on disk) to the manifest and rewrite it.
+    Each shard's chain hashes its tokens after the previous shard's chain: the corpus_hash names the whole text."""
+    if first != len(manifest["shards"]):
+        raise RuntimeError(f"shard {first} listed after {len(manifest['shards'])} shards")  # a bug, never input
+    for number, shard_tokens in enumerate(tokens, start=first):
+        previous = manifest["shards"][-1]["chain"] if manifest["shards"] else ""
+        chain = hashlib.sha256(previous.encode() + shard_tokens.numpy().tobytes()).hexdigest()[:16]
+        manifest["shards"].append({"file": _shard_name(number), "tokens": len(shard_tokens), "chain": chain})
+        manifest["tokens"] += len(shard_tokens)
+        manifest["corpus_hash"] = chain
     _write_json(out / MANIFEST, manifest)
 
 
