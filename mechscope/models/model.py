@@ -15,6 +15,7 @@ from mechscope.errors import MechscopeError
 from mechscope.models import attention
 from mechscope.models.adapters import adapter_for, get_module
 from mechscope.models.hooks import Edit, Hooks
+from mechscope.models.placement import execution_device
 from mechscope.models.sites import Dims, Site, parse_site, site_names
 from mechscope.models.text import check_text
 from mechscope.models.tokens import Tokens, TokenText, continuation_ids, pad
@@ -76,7 +77,9 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go, and where `run` returns logits and cached values: the device the token embedding
+        computes on (for a model placed by a `device_map`, the execution device accelerate gave it)."""
+        return execution_device(self.module(self.adapter.embed))
 
     @property
     def n_ctx(self) -> int:
@@ -210,6 +213,10 @@ class Model:
         read; otherwise the pass stops right after the last site read. `last_only` keeps the logits of
         each sequence's last real token only ([batch, 1, d_vocab]).
 
+        Logits and cached values are on `model.device`, also when a `device_map` spread the blocks over
+        several devices; with `grad=True` cached values stay on the device of the block that computed
+        them, so that gradients with respect to them can be taken.
+
         Texts (or id sequences) of different lengths run as one batch, padded on the right, where
         causal attention keeps padding from reaching any real token; each sequence's values equal
         those of running it alone. Token ids may come with their own `attention_mask` [batch, pos]:
@@ -231,11 +238,11 @@ class Model:
         extra = [final] if gather_last and final not in read else []
         with torch.set_grad_enabled(grad), self.hooks([*read, *extra], write, stop_early=not want_logits) as hooks:
             out = self.hf(tokens.ids, use_cache=False, logits_to_keep=int(last_only) if want_logits else 1, **kwargs)
-        cache = hooks.cache
+        cache = hooks.cache if grad else {name: value.to(tokens.ids.device) for name, value in hooks.cache.items()}
         out_logits = out.logits if want_logits else None
         if gather_last:  # each sequence's last real token, through the unembedding
-            rows = torch.arange(tokens.ids.shape[0], device=tokens.ids.device)
-            out_logits = self.unembed_normalized(cache[final][rows, tokens.last()])[:, None]
+            rows = torch.arange(tokens.ids.shape[0], device=cache[final].device)
+            out_logits = self.unembed_normalized(cache[final][rows, tokens.last().to(rows.device)])[:, None].to(tokens.ids.device)
             cache = {k: v for k, v in cache.items() if k not in extra}
         if tokens.padded:
             cache = {name: self._zero_padding(name, value, tokens.mask) for name, value in cache.items()}
@@ -249,7 +256,7 @@ class Model:
             if dim in ("pos", "q_pos", "k_pos"):
                 shape = [1] * value.ndim
                 shape[0], shape[axis] = mask.shape[0], mask.shape[1]
-                keep = keep & mask.reshape(shape)
+                keep = keep & mask.to(value.device).reshape(shape)
         return value.masked_fill(~keep, 0)
 
     def unembed(self, resid: Tensor) -> Tensor:
@@ -257,8 +264,10 @@ class Model:
         return self.unembed_normalized(self.module(self.adapter.final_norm)(resid))
 
     def unembed_normalized(self, normalized: Tensor) -> Tensor:
-        """Logits from final-norm outputs [..., d_model] (`ln_final.hook_normalized`): the unembedding and any soft cap."""
-        return self.soft_cap(self.module(self.adapter.unembed)(normalized))
+        """Logits from final-norm outputs [..., d_model] (`ln_final.hook_normalized`): the unembedding and any soft cap.
+
+        The logits are on the device of `normalized`, wherever a device map put the unembedding."""
+        return self.soft_cap(self.module(self.adapter.unembed)(normalized)).to(normalized.device)
 
     def soft_cap(self, logits: Tensor) -> Tensor:
         """The family's final logit soft cap, `cap * tanh(logits / cap)`, where it has one; else `logits`."""

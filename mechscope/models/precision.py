@@ -12,10 +12,11 @@ Weights such a reduction reads are widened the same way, on a copy: the model it
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import chain
 
 import torch
 from torch import Tensor, nn
+
+from mechscope.models.placement import bare, module_tensors
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,13 +33,21 @@ def widened(module: nn.Module) -> Callable[..., Tensor]:
     """`module` as a function of inputs in the wide dtype: its own forward, with its floating parameters
     and buffers widened on a copy (the module is not changed). Gradients flow through it.
 
+    On a model placed by a device map (`models.placement`) the weights are those accelerate may keep
+    offloaded, read once here; inputs go to the device the weights are on, and the output comes back
+    to the device of the first input.
+
     >>> norm = widened(model.module(model.adapter.final_norm))
     >>> norm(widen(resid))   # float32 for a float16 model
     """
-    state = {
-        name: widen(t) if t.is_floating_point() else t for name, t in chain(module.named_parameters(), module.named_buffers())
-    }
-    return lambda *args: torch.func.functional_call(module, state, args)
+    state = {name: widen(t) if t.is_floating_point() else t for name, t in module_tensors(module).items()}
+    run, device = bare(module), next(iter(state.values())).device if state else None
+
+    def call(*args: Tensor) -> Tensor:
+        moved = tuple(a.to(device) if device is not None and isinstance(a, Tensor) else a for a in args)
+        return torch.func.functional_call(run, state, moved).to(args[0].device)
+
+    return call
 
 
 def wide_unembed(model, final_norm: bool = False) -> Callable[[Tensor], Tensor]:
