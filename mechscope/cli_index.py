@@ -119,8 +119,13 @@ def build(
     """Build (or resume) an index: one streaming pass over the corpus, checkpointed every minute.
 
     A build that stops before its first checkpoint leaves nothing behind; a later one resumes from the last.
+
+    Under torchrun, each process builds a share of the contexts beside --out, rank 0 merges them (rerun to resume):
+
+    torchrun --standalone --nproc-per-node N --no-python mechscope index build ...
     """
     from mechscope.index.build import IndexSettings, build_index, default_index_path
+    from mechscope.runtime import Ranks
 
     with _options():
         settings = IndexSettings(
@@ -135,6 +140,8 @@ def build(
     start = time.perf_counter()
     with _options(), _made_folders(out.parent):
         build_index(m, out, sites=names, settings=settings, dictionaries=folders)
+    if not Ranks.from_environment().main:  # under torchrun, rank 0 reports for all
+        return
     _console().print(f"index: {shown(out.resolve())} ({time.perf_counter() - start:.1f} s)")
     info(db=out, model=model, as_json=False)
 
@@ -161,7 +168,7 @@ def _made_folders(folder: Path) -> Iterator[None]:
         made.append(folder)
         folder = folder.parent
     for path in reversed(made):
-        path.mkdir()
+        path.mkdir(exist_ok=True)  # under torchrun, another process may make it first
     try:
         yield
     except BaseException:

@@ -1,7 +1,8 @@
 """What long jobs (harvest, dictionary training, index builds) share: ranks, atomic files, progress bars.
 
 - `Ranks`: this process's place among torch.distributed processes (one process: rank 0 of 1). Under
-  `torchrun` it joins the process group from the environment, gloo on CPU and NCCL on GPU.
+  `torchrun` it joins the process group from the environment, gloo on CPU and NCCL on GPU; its
+  `wait_for_all` is a barrier for waits of hours (ranks finishing their shares of a job).
 - `atomic_folder`: write a folder under a temporary name and swap it into place, so a job killed at
   any moment leaves either the old folder or the new one, never half of one.
 - `progress`: a rich progress bar with live fields, shown on rank 0 only.
@@ -10,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -46,6 +49,16 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def wait_for_all(self) -> None:
+        """A barrier without a practical time limit, for a wait as long as a rank's share of a job.
+
+        `barrier` gives up after the process group's timeout (10 or 30 minutes), and ranks that resume
+        from checkpoints may finish their shares hours apart. This one runs on a gloo group of its own
+        (on CPU, whatever the main backend), made once, whose timeout is `LONG_WAIT`.
+        """
+        if self.world > 1:
+            dist.barrier(group=_waiting_group())
+
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -56,6 +69,15 @@ class Ranks:
             dist.all_reduce(tensor)
             tensor /= self.world
         return tensor
+
+
+LONG_WAIT = timedelta(days=30)
+"""How long `Ranks.wait_for_all` waits for the slowest rank before it gives up."""
+
+
+@functools.cache
+def _waiting_group() -> dist.ProcessGroup:
+    return dist.new_group(backend="gloo", timeout=LONG_WAIT)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ Phases of `build_index`:
    replaced at checkpoints) copies the database into a fresh file that replaces it, so that an
    index resumed over many checkpoints takes no more disk than one written at once.
 
-`merge_indexes` joins shards built over disjoint ranges of the same packed corpus.
+`merge_indexes` joins shards built over disjoint ranges of the same packed corpus. Under `torchrun`,
+`build_index` shares the contexts out among the processes and merges their shards itself (`sharded.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ from mechscope.index.stats import HIGH_EXP, LOW_EXP, PER_OCTAVE, UnitStats
 from mechscope.index.units import IndexedSite, plan_sites, unit_names
 from mechscope.models.fingerprint import model_fingerprint
 from mechscope.models.load import cache_dir
+from mechscope.runtime import Ranks
 
 __all__ = ["IndexSettings", "build_index", "default_index_path", "merge_indexes"]
 
@@ -116,15 +119,29 @@ def _check_same(path: Path, have: dict, want: dict) -> None:
             )
 
 
-def _progress(enabled: bool) -> Progress:
+def _progress(title: str | None) -> Progress:
+    """A progress bar headed `title`; None hides it."""
     return Progress(
-        TextColumn("[bold]indexing"),
+        TextColumn(title or ""),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("tokens"),
         TimeRemainingColumn(),
-        disable=not enabled,
+        disable=title is None,
     )
+
+
+class _Plan(NamedTuple):
+    """What a build reads and records, every check passed and nothing written yet."""
+
+    sites: list[IndexedSite]
+    """The chosen sites, then one site per dictionary: its features."""
+    dicts: list[IndexedDictionary]
+    """The dictionaries whose features are indexed."""
+    source: object
+    """The corpus (`mechscope.data.corpus`)."""
+    meta: dict
+    """The settings an existing database must share to be resumed (`_meta`)."""
 
 
 def build_index(
@@ -145,25 +162,47 @@ def build_index(
     Every check (settings, sites, corpus, the output path, an existing file's settings) comes before
     anything is written; bad input raises `MechscopeError` (`SettingError` for a setting out of range).
 
+    Under `torchrun` (WORLD_SIZE > 1), every process calls this with the same arguments: each builds its
+    share of the contexts beside `out`, and rank 0 merges the shares into `out` (see `sharded.py`).
+
     >>> build_index(mechscope.load(), "neurons.duckdb", settings=IndexSettings(tokens=100_000))
     >>> build_index(model, "features.duckdb", dictionaries={"res5": "runs/res5/dictionary"})
     """
     settings = settings or IndexSettings()
     out = _writable(Path(out))
+    plan = _plan(model, sites, settings, dictionaries)
+    from mechscope.index import sharded  # it builds on this module, so it is imported here, not at the top
+
+    ranks = Ranks.from_environment()
+    sharded.check_other_shards(out, ranks.world)
+    if ranks.world > 1:
+        return sharded.build_sharded(model, out, plan, settings, checkpoint_seconds, progress, ranks)
+    _build_file(model, out, plan, settings, settings.context_range(), checkpoint_seconds, "[bold]indexing" if progress else None)
+    return out
+
+
+def _plan(model, sites: list[str] | None, settings: IndexSettings, dictionaries: DictionarySpec | None) -> _Plan:
+    """Check the sites, the dictionaries, the corpus and the settings against the model (phase 1)."""
     planned = plan_sites(model, sites) if sites or not dictionaries else []
     dicts = plan_dictionaries(model, dictionaries, sum(s.width for s in planned))
     planned += [d.site for d in dicts]
     source = make_corpus(settings.corpus, field=settings.field)
     check_against(settings, model, source)
-    want = _meta(model, planned, dicts, settings, source.id)
-    span = settings.context_range()
+    return _Plan(planned, dicts, source, _meta(model, planned, dicts, settings, source.id))
+
+
+def _build_file(model, out: Path, plan: _Plan, settings: IndexSettings, span, checkpoint_seconds, title: str | None) -> None:
+    """Build (or resume) contexts `span` (start, stop) into the database `out` (phases 2-4), under a progress
+    bar headed `title` (None: no bar)."""
     fresh = not out.exists() or _holds_nothing(out)
     con = store.create(out) if fresh else store.open_index(out, read_only=False)
     try:
-        stats, done = _begin(con, planned, settings, want, span) if fresh else _resume(con, out, settings, want, span)
+        stats, done = (
+            _begin(con, plan.sites, settings, plan.meta, span) if fresh else _resume(con, out, settings, plan.meta, span)
+        )
         stale = out.with_name(out.name + ".compact").exists()  # a compaction that was cut short
         if span[0] + done < span[1]:
-            _stream(model, con, planned, dicts, source, settings, stats, span, done, checkpoint_seconds, progress)
+            _stream(model, con, plan.sites, plan.dicts, plan.source, settings, stats, span, done, checkpoint_seconds, title)
         if (span[0] + done < span[1] or stale) and store.read_meta(con)["complete"] and store.free_share(con) > 0.1:
             store.compact(con, out)
     except BaseException:
@@ -172,7 +211,6 @@ def build_index(
         raise
     finally:
         con.close()
-    return out
 
 
 def _writable(out: Path) -> Path:
@@ -243,7 +281,7 @@ def _resume(con, out: Path, settings: IndexSettings, want: dict, span) -> tuple[
     return store.read_stats(con, s.k, s.n_samples, s.threshold, s.ctx_len, s.seed), done
 
 
-def _stream(model, con, planned, dicts, source, settings, stats, span, done, checkpoint_seconds, progress) -> None:
+def _stream(model, con, planned, dicts, source, settings, stats, span, done, checkpoint_seconds, title: str | None) -> None:
     start, stop = span
     length = settings.ctx_len
     names = unit_names(planned)
@@ -252,7 +290,7 @@ def _stream(model, con, planned, dicts, source, settings, stats, span, done, che
     pending: list = []
     last = time.monotonic()
     stored = _stored_tokens(con, start, start + done, length) if done else None
-    with _progress(progress) as bar, torch.inference_mode():
+    with _progress(title) as bar, torch.inference_mode():
         task = bar.add_task("index", total=(stop - start) * length, completed=done * length)
         for batch in pack(source, model.tokenizer, length, seed=settings.seed, batch_size=settings.batch_size, max_contexts=stop):
             first, n = batch.start, len(batch.tokens)
