@@ -196,3 +196,18 @@ def test_smollm2_half_offloaded_to_disk(smollm2):
     la, lb = ms.logit_lens(smollm2, prompt, " questionable"), ms.logit_lens(placed, prompt, " questionable")
     torch.testing.assert_close(lb.probs, la.probs, rtol=0, atol=0)
     assert ms.predict(placed, prompt, k=5) == ms.predict(smollm2, prompt, k=5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_attribution_and_logit_effects_read_offloaded_weights(family, folder):
+    """DLA, the three rankings and a neuron's output tokens read W_U, W_out and the norms' weights from the offload."""
+    from mechscope.index.card import output_tokens
+
+    plain = ms.load(folder(family))
+    placed = ms.load(folder(family), device_map=split_map(plain))
+    a, b = ms.direct_logit_attribution(plain, IDS[0], 5, vs=7), ms.direct_logit_attribution(placed, IDS[0], 5, vs=7)
+    torch.testing.assert_close(b.neurons, a.neurons)
+    torch.testing.assert_close(b.heads, a.heads)
+    assert b.total == pytest.approx(a.total, abs=1e-5) and b.logit == pytest.approx(a.logit, abs=1e-5)
+    assert ms.rank_units(placed, IDS[0], 5, top=3).rows == ms.rank_units(plain, IDS[0], 5, top=3).rows
+    assert output_tokens(placed, 1, 3) == output_tokens(plain, 1, 3)

@@ -32,6 +32,7 @@ from mechscope.errors import MechscopeError
 from mechscope.lens.predict import check_position, one_sequence, single_token
 from mechscope.models import Inputs, Model
 from mechscope.models.norms import freeze_norm
+from mechscope.models.placement import module_tensors
 from mechscope.models.precision import widen, widened
 
 
@@ -98,11 +99,13 @@ def direct_logit_attribution(
     with torch.no_grad():
         cache = {k: widen(x[0, pos]) for k, x in model.run(ids, read=[*reads, last]).cache.items()}
 
-    unembed = model.module(a.unembed)
-    u = widen(unembed.weight[t]) - (widen(unembed.weight[v]) if v is not None else 0)
+    unembed = module_tensors(model.module(a.unembed))  # its values, also where accelerate offloaded them
+    W_U = unembed["weight"]
+    u = widen(W_U[t]) - (widen(W_U[v]) if v is not None else 0)
     unembed_bias = 0.0
-    if getattr(unembed, "bias", None) is not None:
-        unembed_bias = float(widen(unembed.bias[t]) - (widen(unembed.bias[v]) if v is not None else 0))
+    if unembed.get("bias") is not None:
+        b_U = unembed["bias"]
+        unembed_bias = float(widen(b_U[t]) - (widen(b_U[v]) if v is not None else 0))
     biases = unembed_bias
     final = freeze_norm(model.module(a.final_norm), cache[last])
     g = final.transpose(u)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mechscope.index.query import Histogram, Index, UnitInfo, UnitSummary
 from mechscope.models.norms import freeze_norm
+from mechscope.models.placement import module_tensors
 from mechscope.models.precision import widen
 
 
@@ -87,7 +88,8 @@ def neuron_output_weight(model, layer: int, neuron: int) -> Tensor:
 def mlp_output_weight(model, layer: int) -> Tensor:
     """[d_model, d_mlp] the MLP's output projection: what each neuron adds per unit of activation."""
     module = model.block_module(layer, model.adapter.neurons)
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T  # GPT-2's Conv1D stores [d_mlp, d_model]
+    weight = module_tensors(module)["weight"]  # its values, also where accelerate offloaded them
+    return weight if isinstance(module, nn.Linear) else weight.T  # GPT-2's Conv1D stores [d_mlp, d_model]
 
 
 def _elementwise(norm, direction: Tensor) -> Tensor:
@@ -106,7 +108,7 @@ def residual_logits(model, direction: Tensor, mlp_layer: int | None = None) -> T
     Computed in the wide dtype (float32 for a 16-bit model): the dot products over d_model too.
     """
     a = model.adapter
-    unembed = widen(model.module(a.unembed).weight)  # [d_vocab, d_model]
+    unembed = widen(module_tensors(model.module(a.unembed))["weight"])  # [d_vocab, d_model]
     direction = direction.to(unembed.device, unembed.dtype)
     if mlp_layer is not None and a.branch_norms:  # the MLP's output is normalised before it joins the residual stream
         direction = _elementwise(model.block_module(mlp_layer, a.mlp_out), direction)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mechscope.models.placement import module_tensors
 from mechscope.models.precision import widen, widened
 
 
@@ -59,8 +60,9 @@ def freeze_norm(norm: nn.Module, x: Tensor) -> FrozenNorm:
     x, d, run = widen(x), x.shape[-1], widened(norm)
     centred = isinstance(norm, nn.LayerNorm)
     if centred:
-        weight = widen(norm.weight) if norm.weight is not None else torch.ones(d, dtype=x.dtype, device=x.device)
-        bias = widen(norm.bias) if norm.bias is not None else torch.zeros_like(weight)
+        held = module_tensors(norm)  # its values, also where accelerate offloaded them
+        weight = widen(held["weight"]).to(x.device) if norm.weight is not None else torch.ones(d, dtype=x.dtype, device=x.device)
+        bias = widen(held["bias"]).to(x.device) if norm.bias is not None else torch.zeros_like(weight)
     else:
         big = torch.full((d,), 1e3, dtype=x.dtype, device=x.device)  # rms(big) = 1e3 makes eps negligible
         weight, bias = run(big), torch.zeros(d, dtype=x.dtype, device=x.device)
