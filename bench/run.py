@@ -12,10 +12,11 @@ A1-A3. attribution (direct logit attribution, activation / attribution patching)
 I1-I3. the max-activating index (build throughput, its memory, query latency): see bench_index.py
 B1. prompts of different lengths in one call vs a loop over them: see bench_batch.py
 H1, S1-S3. harvest throughput and SAE training speed beside the peers: see bench_sae.py
+W1-W2. the web explorer: HTTP latency against the Python API, 20 clients at once: see serve.py
 
 `bench/run.py --only attribution` runs only A1-A3 and replaces just the attribution section of RESULTS.md
 (between its two HTML-comment markers), keeping the other sections from the last full run; `--only index`,
-`--only batch` and `--only sae` do the same for I1-I3, B1 and H1/S1-S3.
+`--only batch`, `--only sae` and `--only serve` do the same for I1-I3, B1, H1/S1-S3 and W1-W2.
 
 Correctness is checked on the way (reads equal HF's hidden states; the lens equals the hand-written one),
 so the comparisons cannot silently be of different work. Progress goes to stderr.
@@ -291,7 +292,7 @@ def render(info: dict, inproc: dict, sub: dict, load_avg: tuple[str, str], total
     return "\n".join(lines)
 
 
-OWN_SECTIONS = ("attribution", "index", "sae", "batch")
+OWN_SECTIONS = ("attribution", "index", "sae", "batch", "serve")
 """The sections this script writes; every other section of RESULTS.md comes from its own script."""
 
 
@@ -319,7 +320,9 @@ def _stamp(load_start: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
-        "--only", choices=["attribution", "index", "batch", "sae"], help="run only these figures; keep the rest of RESULTS.md"
+        "--only",
+        choices=["attribution", "index", "batch", "sae", "serve"],
+        help="run only these figures; keep the rest of RESULTS.md",
     )
     only = parser.parse_args().only
     t_start = time.perf_counter()
@@ -354,6 +357,15 @@ def main() -> None:
         print(section)
         return
 
+    if only == "serve":
+        import serve
+
+        section = serve.save(serve.run(model))
+        RESULTS.write_text(serve.splice(RESULTS.read_text() if RESULTS.exists() else "", section))
+        log(f"updated the serve section of {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
+        print(section)
+        return
+
     if only == "sae":
         del model  # the trainers run in fresh processes
         import bench_sae
@@ -375,6 +387,9 @@ def main() -> None:
     inproc = bench_inprocess.run(model)
     _, attribution = bench_attribution.run_and_render(model)
     batch = bench_batch.render(bench_batch.run(model), _stamp(load_start))
+    import serve
+
+    served = serve.save(serve.run(model))
     ids = common.batch_ids(model.tokenizer)
     del model
     with tempfile.TemporaryDirectory() as tmp:
@@ -387,7 +402,7 @@ def main() -> None:
 
     sae = bench_sae.render(bench_sae.run(), _stamp(load_start))
     text = render(info, inproc, sub, (load_start, common.load_average()), time.perf_counter() - t_start)
-    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch + "\n" + sae + _kept_sections())
+    RESULTS.write_text(text + "\n" + attribution + "\n" + index + "\n" + batch + "\n" + sae + "\n" + served + _kept_sections())
     log(f"wrote {RESULTS.relative_to(common.REPO)} in {time.perf_counter() - t_start:.0f} s")
     table = text.split("## Results", 1)[1].split("## Details", 1)[0].strip()
     print(table)
