@@ -387,3 +387,18 @@ def test_a_feature_page_and_steering(smol_client, smollm2):
     concept = {"dictionary": "sae", "texts": ["The cat sat.", "A cat and a dog."]}
     found = smol_client.post("/api/find-feature", json=concept).json()
     assert len(found["features"]) == 10 and found["features"][0]["unit"].startswith("f:sae:")
+
+
+def test_bad_units_are_answered_while_the_model_is_busy(model):
+    """A unit or op that cannot be is refused at once: it does not queue behind model work."""
+    ex = open_explorer(model)
+    c = TestClient(create_app(ex), raise_server_exceptions=False)
+    with ex.busy():  # the model thread would wait for this lock
+        start = time.perf_counter()
+        bad = [
+            c.post("/api/unit", json={"unit": "99:1"}),
+            c.post("/api/intervene", json={"prompt": PROMPT, "unit": "1:3", "op": "clamp"}),
+        ]
+        assert time.perf_counter() - start < 5
+    assert [r.status_code for r in bad] == [400, 400]
+    assert c.post("/api/unit", json={"unit": "1:3"}).status_code == 200  # and the queue runs once the model is free

@@ -53,6 +53,11 @@ def open_explorer(model, dbs: Sequence[str | Path] = (), dictionaries: Sequence[
 
 def serve(ex: Explorer, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     """Run the explorer until interrupted (uvicorn)."""
+    import gc
+
     import uvicorn
 
+    # Each answer makes tens of thousands of small objects; without this, the collections they set off walk every
+    # object of the loaded model and library too (about 0.1 s per lens answer on SmolLM2, bench/serve.py).
+    gc.freeze()
     uvicorn.run(create_app(ex), host=host, port=port, log_level=log_level)

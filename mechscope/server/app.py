@@ -13,9 +13,12 @@ assets (HTML, JS, CSS) come from `static/` inside the package; nothing is fetche
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -45,6 +48,8 @@ class Explorer:
     index_paths: list[Path] = field(default_factory=list)
     dictionaries: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="mechscope-model"))
+    """The one thread model and index calls run on, in the order requests arrive (FIFO), outside the server's pool."""
     _indexes: list = field(default_factory=list)
 
     @contextmanager
@@ -78,7 +83,12 @@ class Explorer:
 
         return next((index for index in self.indexes if indexed_features(index.meta, dictionary)), None)
 
+    async def call(self, fn, *args):
+        """Run `fn(*args)` on the model's thread, after the requests before it; the event loop stays free meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, functools.partial(fn, *args))
+
     def close(self) -> None:
+        self.worker.shutdown(wait=True)
         for index in self._indexes:
             index.close()
         self._indexes = []
@@ -279,6 +289,22 @@ def _validation_message(err: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _queued(ex: Explorer, check=None):
+    """Make a route's synchronous body async: `check(req)` (cheap, no model call) runs at once, so bad input is
+    answered without waiting; the body then runs on the explorer's model thread, in arrival order."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def route(req):
+            if check is not None:
+                check(req)
+            return await ex.call(fn, req)
+
+        return route
+
+    return wrap
+
+
 def create_app(ex: Explorer) -> FastAPI:
     """The explorer as a FastAPI application over `ex` (no CORS: pages of other origins cannot call it)."""
     app = FastAPI(
@@ -314,15 +340,15 @@ def create_app(ex: Explorer) -> FastAPI:
     m = ex.model
 
     @app.get("/", include_in_schema=False)
-    def page():
+    async def page():
         return FileResponse(STATIC / "index.html")
 
     @app.get("/docs", include_in_schema=False)
-    def docs():
+    async def docs():
         return FileResponse(STATIC / "docs.html")
 
     @app.get("/api/info", response_model=s.Info)
-    def info():
+    async def info():
         d = m.dims
         limits = {"prompt_chars": s.MAX_PROMPT_CHARS, "prompt_tokens": s.MAX_PROMPT_TOKENS, "k": s.MAX_K, "top": s.MAX_TOP,
                   "examples": s.MAX_EXAMPLES, "new_tokens": s.MAX_NEW_TOKENS, "body_bytes": s.MAX_BODY_BYTES}  # fmt: skip
@@ -330,6 +356,7 @@ def create_app(ex: Explorer) -> FastAPI:
                       indexes=[str(p) for p in ex.index_paths], dictionaries=sorted(ex.dictionaries), limits=limits)  # fmt: skip
 
     @app.post("/api/predict", response_model=s.PredictResponse, responses=errors)
+    @_queued(ex)
     def predict(req: s.PredictRequest):
         """The next-token distribution and the logit lens (every layer at every position)."""
         from mechscope import logit_lens, predict
@@ -351,6 +378,7 @@ def create_app(ex: Explorer) -> FastAPI:
                                  lens=s.Lens(rows=lens.rows, top=top, target_prob=target_prob))  # fmt: skip
 
     @app.post("/api/attribute", response_model=s.AttributeResponse, responses=errors)
+    @_queued(ex)
     def attribute(req: s.AttributeRequest):
         """The heads and neurons behind the target: DLA, attribution patching and real ablation, side by side."""
         from mechscope import direct_logit_attribution, rank_units
@@ -369,12 +397,14 @@ def create_app(ex: Explorer) -> FastAPI:
                                    agreement=agreement, top_dla=top_dla)  # fmt: skip
 
     @app.post("/api/unit", response_model=s.UnitResponse, responses=errors)
+    @_queued(ex, lambda req: _unit(ex, req.unit))
     def unit(req: s.UnitRequest):
         """A unit's page: its heatmap on the prompt, its examples, histogram and statistics from the index, its logit effects."""
         with ex.busy():
             return unit_page(ex, req)
 
     @app.post("/api/intervene", response_model=s.InterveneResponse, responses=errors)
+    @_queued(ex, lambda req: _intervention(ex, _unit(ex, req.unit), req.op, req.value))
     def intervene(req: s.InterveneRequest):
         """The next-token distribution before and after changing one unit; greedy generations with and without."""
         from mechscope.attribution import intervene
@@ -394,6 +424,7 @@ def create_app(ex: Explorer) -> FastAPI:
         )  # fmt: skip
 
     @app.post("/api/patch", response_model=s.PatchResponse, responses=errors)
+    @_queued(ex)
     def patch(req: s.PatchRequest):
         """Activation patching of one site kind, every layer at every position: a heatmap."""
         from mechscope import activation_patching
@@ -406,6 +437,7 @@ def create_app(ex: Explorer) -> FastAPI:
                                clean=r.clean, corrupt=r.corrupt, metric=r.metric)  # fmt: skip
 
     @app.post("/api/search", response_model=s.SearchResponse, responses=errors)
+    @_queued(ex)
     def search(req: s.SearchRequest):
         """Which indexed units fire most on a token (the last token of `text`, after the rest of it)."""
         with ex.busy():
@@ -416,6 +448,7 @@ def create_app(ex: Explorer) -> FastAPI:
         return s.SearchResponse(hits=[s.SearchHitOut(unit=h.unit.name, hits=h.hits, best=h.best, max=h.max) for h in hits])
 
     @app.post("/api/find-feature", response_model=s.FindFeatureResponse, responses=errors)
+    @_queued(ex)
     def find_feature(req: s.FindFeatureRequest):
         """The features of a dictionary most selective for a concept its texts mention."""
         from mechscope.dictionaries.find import find_features
