@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from subprocess import PIPE, STDOUT
 
+import launch
 import pytest
 import torch
 from conftest import tiny_lm
@@ -80,10 +81,10 @@ def torchrun(*args, nodes: int = 1) -> tuple[int, str]:
     of two "nodes", two torchrun launches started together that meet at 127.0.0.1."""
     program = [str(a) for a in args] if str(args[0]).endswith(".py") else ["--no-python", str(BIN / "mechscope"), *args]
     if nodes == 1:
-        launches = [["--standalone", "--nproc_per_node", "2"]]
+        launches = [launch.one_node(2)]
     else:
-        meet = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        launches = [[*meet, "--node_rank", str(rank)] for rank in (0, 1)]
+        port = free_port()
+        launches = [launch.node(2, rank, 1, "127.0.0.1", port) for rank in (0, 1)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
     procs = [
         subprocess.Popen([str(BIN / "torchrun"), *where, *program], env=env, stdout=PIPE, stderr=STDOUT, text=True)

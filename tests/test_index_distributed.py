@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 import duckdb
+import launch
 import pytest
 from conftest import invoke_cli, tiny_lm
 from test_index_build import _assert_same, _tables
@@ -105,7 +106,7 @@ def test_shares_are_contiguous_whole_batches_as_even_as_can_be():
 def test_two_processes_build_what_one_builds(folder, one, tmp_path):
     """And the same command again leaves the finished index as it is."""
     out = tmp_path / "index.duckdb"
-    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *MECHSCOPE, *_build_args(folder, out)]
+    command = [*TORCHRUN, *launch.one_node(2), *MECHSCOPE, *_build_args(folder, out)]
     done = _run(command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("index: ") == 1, done.stdout  # rank 0 reports, rank 1 is quiet
@@ -142,15 +143,14 @@ def test_a_killed_rank_resumes_where_it_stopped(folder, one, tmp_path):
     multi-node command, on one machine), resumes both shards and ends as one process's build."""
     out, script = tmp_path / "index.duckdb", tmp_path / "dying.py"
     script.write_text(textwrap.dedent(DYING))
-    died = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script), *_build_args(folder, out)])
+    died = _run([*TORCHRUN, *launch.one_node(2), str(script), *_build_args(folder, out)])
     assert died.returncode != 0 and not out.exists(), died.stderr[-3000:]
     with duckdb.connect(str(shard_path(out, 1, 2)), read_only=True) as con:
         meta = store.read_meta(con)
     assert (meta["contexts"], meta["contexts_done"], meta["complete"]) == ([20, 38], BATCH, False)
     port, nodes = _free_port(), []
     for node in (0, 1):
-        launch = ["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
-        command = [*TORCHRUN, *launch, "--master-port", str(port), *MECHSCOPE, *_build_args(folder, out)]
+        command = [*TORCHRUN, *launch.node(2, node, 1, "127.0.0.1", port), *MECHSCOPE, *_build_args(folder, out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for node in nodes:
@@ -165,7 +165,7 @@ def test_an_index_is_continued_by_more_processes(folder, one, tmp_path):
     merge it with the 8."""
     out = tmp_path / "index.duckdb"
     _one_process(folder, out, contexts=8)
-    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *MECHSCOPE, *_build_args(folder, out)]
+    command = [*TORCHRUN, *launch.one_node(2), *MECHSCOPE, *_build_args(folder, out)]
     done = _run(command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _left(tmp_path) == ["index.duckdb"]
