@@ -10,6 +10,7 @@
 - `atomic_output` writes a file through a temporary file beside it, renamed into place on success
   and removed on failure, so a failed write leaves nothing behind.
 - `usage_line` turns an option-parsing error (click's) into one line naming the option and value.
+- `DeviceOpt` is the `--device` of the long jobs (index build, harvest, train-dict), `job_device` its check.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
+import typer
 from rich.markup import escape
 from rich.text import Text
 
 from mechscope.errors import MechscopeError
 from mechscope.viz.shown import plain
+
+if TYPE_CHECKING:
+    import torch
 
 
 def visible(text: object, newlines: bool = False) -> str:
@@ -140,6 +146,24 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -- where a long job computes --------------------------------------------------------------------
+
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        help="Where the model (and training) runs: auto (cuda:LOCAL_RANK where CUDA is available, so under torchrun "
+        "each process on its own GPU; else cpu), cpu, cuda (this process's GPU) or cuda:N."
+    ),
+]
+
+
+def job_device(choice: str) -> torch.device:
+    """The `torch.device` of --device `choice` (`runtime.process_device`), checked before the model loads."""
+    from mechscope.runtime import process_device
+
+    return process_device(choice, "--device")
 
 
 # -- option-parsing errors ------------------------------------------------------------------------

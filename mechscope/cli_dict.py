@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mechscope.cli_common import check_folder, check_output, check_range, literal, shown
+from mechscope.cli_common import DeviceOpt, check_folder, check_output, check_range, job_device, literal, shown
 from mechscope.cli_options import with_options
 from mechscope.dictionaries.train import TrainConfig
 from mechscope.errors import MechscopeError
@@ -25,12 +25,12 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default', a local
 MAX_TOKENS = 10**10
 
 
-def _load(model: str, dtype: str = "float32"):
+def _load(model: str, dtype: str = "float32", device=None):
     import mechscope
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MechscopeError(f"--model-dtype {dtype!r} is not a dtype: valid values are float32, bfloat16, float16")
-    return mechscope.load(model, dtype=dtype)
+    return mechscope.load(model, dtype=dtype, device=device)
 
 
 def _dictionary(folder: str, m):
@@ -54,9 +54,12 @@ def harvest(
     model_dtype: Annotated[
         str, typer.Option(help="Model dtype while harvesting: float32, or bfloat16 (faster on CPUs with bf16 matmuls).")
     ] = "float32",
+    device: DeviceOpt = "auto",
 ):
     """Write site activations to a disk store (safetensors shards + manifest) for dictionary training; resumable;
-    under torchrun, the processes share the shards of one store."""
+    under torchrun, the processes share the shards of one store, each running the model on its own GPU (--device auto):
+
+    torchrun --standalone --nproc-per-node N --no-python mechscope harvest ..."""
     from mechscope.activations import HarvestSettings, StreamSpec
     from mechscope.activations import harvest as run_harvest
     from mechscope.runtime import Ranks
@@ -66,7 +69,7 @@ def harvest(
     check_range("--shard-contexts", shard_contexts, 1, 100_000)
     check_folder("--out", out)
     settings = HarvestSettings(tokens=tokens, dtype=dtype, shard_contexts=shard_contexts)
-    m = _load(model, model_dtype)
+    m = _load(model, model_dtype, job_device(device))
     check_range("--ctx-len", ctx_len, 8, m.n_ctx, f" (the model's context is {m.n_ctx} tokens)")
     manifest = run_harvest(m, StreamSpec(tuple(sites), corpus, ctx_len=ctx_len), out, settings)
     if not Ranks.from_environment().main:  # under torchrun, rank 0 reports
@@ -77,14 +80,19 @@ def harvest(
     )
 
 
-@with_options(TrainConfig)
+@with_options(TrainConfig, skip=("device",))
 def train_dict(
     out: Annotated[Path, typer.Option(help="Folder for the run: checkpoint, metrics.jsonl, curves and dictionary/.")],
     png: Annotated[bool, typer.Option(help="Plot the training curves to OUT/curves.png at the end.")] = True,
     model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
     config: TrainConfig = None,
 ):
-    """Train a sparse dictionary (SAE, transcoder, crosscoder or CLT) on the model's activations; resumes OUT/checkpoint."""
+    """Train a sparse dictionary (SAE, transcoder, crosscoder or CLT) on the model's activations; resumes OUT/checkpoint.
+
+    Under torchrun, the processes split each batch and average their gradients, each on its own GPU (--device auto):
+
+    torchrun --standalone --nproc-per-node N --no-python mechscope train-dict ..."""
     from mechscope.dictionaries import train_dictionary
     from mechscope.runtime import Ranks
     from mechscope.viz.dict_plots import read_metrics, training_curves_png
@@ -92,7 +100,8 @@ def train_dict(
     check_range("--tokens", config.tokens, 1, MAX_TOKENS)
     check_range("--batch-size", config.batch_size, 1, 1 << 20)
     check_folder("--out", out)
-    m = _load(model)
+    config.device = device  # the model and the dictionary on one device
+    m = _load(model, "float32", job_device(device))
     d = train_dictionary(m, config, out)
     if not Ranks.from_environment().main:  # under torchrun, rank 0 reports and plots
         return

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mechscope.cli_common import check_output, check_range, shown
+from mechscope.cli_common import DeviceOpt, check_output, check_range, job_device, shown
 from mechscope.errors import MechscopeError
 from mechscope.index.settings import MAX_K, SettingError
 
@@ -39,10 +39,10 @@ def _console() -> Console:
     return cli.console
 
 
-def _load(model: str):
+def _load(model: str, device=None):
     import mechscope
 
-    return mechscope.load(model)
+    return mechscope.load(model, device=device)
 
 
 FLAGS = {"ctx_len": "--ctx-len", "batch_size": "--batch-size", "n": "-n"}
@@ -115,12 +115,14 @@ def build(
         ),
     ] = None,
     model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
 ):
     """Build (or resume) an index: one streaming pass over the corpus, checkpointed every minute.
 
     A build that stops before its first checkpoint leaves nothing behind; a later one resumes from the last.
 
-    Under torchrun, each process builds a share of the contexts beside --out, rank 0 merges them (rerun to resume):
+    Under torchrun, each process builds a share of the contexts beside --out, running the model on its own GPU
+    (--device auto); rank 0 merges them (rerun to resume):
 
     torchrun --standalone --nproc-per-node N --no-python mechscope index build ...
     """
@@ -133,7 +135,7 @@ def build(
             contexts=_contexts(contexts),
         )  # fmt: skip
     out = check_output("--out", out)
-    m = _load(model)
+    m = _load(model, job_device(device))
     out = out or check_output("--out", default_index_path(m.name))
     names = [s.strip() for spec in sites or () for s in spec.split(",") if s.strip()] or None
     folders = _dictionaries(dictionaries or [])

@@ -1,8 +1,10 @@
 """What long jobs (harvest, dictionary training, index builds) share: ranks, atomic files, progress bars.
 
 - `Ranks`: this process's place among torch.distributed processes (one process: rank 0 of 1). Under
-  `torchrun` it joins the process group from the environment, gloo on CPU and NCCL on GPU; its
-  `wait_for_all` is a barrier for waits of hours (ranks finishing their shares of a job).
+  `torchrun` it joins the process group from the environment: gloo for CPU tensors and, where CUDA is
+  available, NCCL for GPU tensors; its `wait_for_all` is a barrier for waits of hours (ranks finishing
+  their shares of a job).
+- `process_device`: the device a job's process computes on (`--device`): under torchrun, one GPU each.
 - `atomic_folder`: write a folder under a temporary name and swap it into place, so a job killed at
   any moment leaves either the old folder or the new one, never half of one.
 - `progress`: a rich progress bar with live fields, shown on rank 0 only.
@@ -14,6 +16,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,11 +41,18 @@ class Ranks:
 
     @classmethod
     def from_environment(cls) -> Ranks:
-        """Join the process group `torchrun` describes in the environment (WORLD_SIZE > 1), else one process."""
+        """Join the process group `torchrun` describes in the environment (WORLD_SIZE > 1), else one process.
+
+        Collectives on CPU tensors run on gloo, and where CUDA is available those on CUDA tensors run on NCCL
+        and the current GPU is cuda:LOCAL_RANK, so one job may hold both (`process_device`)."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            cuda = torch.cuda.is_available()
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if cuda and local < torch.cuda.device_count():  # this process's GPU (`process_device`), NCCL's too
+                torch.cuda.set_device(local)
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # CPU tensors on gloo, CUDA ones on NCCL
         return cls(dist.get_rank(), dist.get_world_size())
 
     def barrier(self) -> None:
@@ -69,6 +79,43 @@ class Ranks:
             dist.all_reduce(tensor)
             tensor /= self.world
         return tensor
+
+
+DEVICES = "auto, cpu, cuda, cuda:N"
+"""What `process_device` takes."""
+
+
+def process_device(choice: str = "auto", option: str = "device") -> torch.device:
+    """The device this process of a long job computes on, checked; a one-line error names `option` otherwise.
+
+    - "auto": where CUDA is available, this process's own GPU, cuda:LOCAL_RANK (torchrun's LOCAL_RANK; 0 for
+      a single process); else the CPU.
+    - "cuda": cuda:LOCAL_RANK too (torch's current device once `Ranks.from_environment` has set it), and an
+      error without CUDA; "cuda:N": that GPU, for every process; "cpu": the CPU.
+
+    >>> process_device("auto")  # under `torchrun --nproc-per-node 8` on 8 GPUs: cuda:0 in one process, ... cuda:7
+    """
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", choice):
+        raise MechscopeError(f"{option} {choice!r} is not a device: valid values are {DEVICES}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if choice == "cpu" or (choice == "auto" and n == 0):
+        return torch.device("cpu")
+    if n == 0:
+        raise MechscopeError(f"{option} {choice!r} is not available: this machine has no CUDA device; valid here: auto, cpu")
+    gpus = f"this machine has {n} CUDA device{'s' if n > 1 else ''}, cuda:0..cuda:{n - 1}"
+    if choice.startswith("cuda:"):
+        if int(choice[5:]) >= n:
+            raise MechscopeError(
+                f"{option} {choice!r} is not available: {gpus}; valid here: auto, cpu, cuda, cuda:0..cuda:{n - 1}"
+            )
+        return torch.device(choice)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= n:
+        raise MechscopeError(
+            f"{option} {choice} gives each process its own GPU, cuda:LOCAL_RANK, but LOCAL_RANK is {local} and {gpus}: "
+            f"start at most {n} processes per node (--nproc-per-node {n}), or give {option} cpu"
+        )
+    return torch.device("cuda", local)
 
 
 LONG_WAIT = timedelta(days=30)

@@ -26,7 +26,7 @@ def db(smollm2, tmp_path_factory) -> str:
 def shared_model(monkeypatch, smollm2):
     """Every command gets the session's SmolLM2 instead of loading it again."""
     real = cli_index._load
-    monkeypatch.setattr(cli_index, "_load", lambda spec: smollm2 if spec == "default" else real(spec))
+    monkeypatch.setattr(cli_index, "_load", lambda spec, *device: smollm2 if spec == "default" else real(spec, *device))
 
 
 def test_show_prints_card_and_writes_files(monkeypatch, capsys, db, tmp_path):

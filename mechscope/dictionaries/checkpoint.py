@@ -53,7 +53,7 @@ def restore(state: dict, dictionary, optimizer: torch.optim.Optimizer, since_fir
     for name, param in dictionary.named_parameters():
         if f"adam.{name}.exp_avg" in tensors:
             optimizer.state[param] = {  # the moments take the parameter's memory layout, as Adam's own do
-                "step": torch.tensor(state["adam_steps"][name]),
+                "step": torch.tensor(state["adam_steps"][name], device=param.device),  # fused Adam's is on the device
                 "exp_avg": torch.empty_like(param).copy_(tensors[f"adam.{name}.exp_avg"]),
                 "exp_avg_sq": torch.empty_like(param).copy_(tensors[f"adam.{name}.exp_avg_sq"]),
             }

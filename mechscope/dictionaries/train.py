@@ -14,9 +14,11 @@ Phases:
    weights as one that never stopped), evaluate on the held-out batch every `eval_every` steps, and log
    metrics to `out/metrics.jsonl`. At the end, save the dictionary with its normalisation folded in.
 
-Under `torchrun`, every process reads the same chunks and takes its share of each batch; gradients are
-averaged by DistributedDataParallel (gloo on CPU, NCCL on GPU), so N processes train what one process
-trains with the same global batch. BatchTopK selects within each process's share.
+The dictionary trains on `TrainConfig.device`; activations arrive on the CPU (streamed or read from a
+store) and each batch moves there. Under `torchrun`, every process reads the same chunks and takes its
+share of each batch; gradients are averaged by DistributedDataParallel (gloo for CPU tensors, NCCL for
+CUDA ones; with device "auto" each process trains on its own GPU), so N processes train what one
+process trains with the same global batch. BatchTopK selects within each process's share.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from mechscope.dictionaries.formats.own import save_dictionary
 from mechscope.dictionaries.init import initialise, mean_norm_scales, start_sparse
 from mechscope.dictionaries.sparse import Active, sparse_decode
 from mechscope.errors import MechscopeError, one_of
-from mechscope.runtime import Ranks, progress
+from mechscope.runtime import Ranks, process_device, progress
 
 KINDS = ("sae", "transcoder", "crosscoder", "clt")
 TRANSCODER_INPUTS = {"normed": "ln2.hook_normalized", "resid_mid": "hook_resid_mid"}
@@ -156,6 +158,10 @@ class TrainConfig:
     """Held-out tokens in each evaluation."""
     checkpoint_seconds: float = 300.0
     """Seconds between checkpoints."""
+    device: str = "cpu"
+    """Where the dictionary trains: cpu, cuda:N, cuda or auto (this process's GPU, cuda:LOCAL_RANK under
+    torchrun, where CUDA is available; else cpu) (`runtime.process_device`). Where, not what: a run resumes,
+    or is found finished, on any device."""
 
     def __post_init__(self):
         if self.kind is not None or self.layers is not None:
@@ -272,6 +278,7 @@ class Trainer:
     def __init__(self, model, cfg: TrainConfig, out: str | Path, show_progress: bool = True, source=None, eval_source=None):
         self.model, self.cfg, self.out = model, cfg, Path(out)
         self.ranks = Ranks.from_environment()
+        self.device = process_device(cfg.device)
         if cfg.batch_size % self.ranks.world:
             raise MechscopeError(f"batch_size={cfg.batch_size} does not split over {self.ranks.world} processes")
         if model is None and source is None:
@@ -363,10 +370,10 @@ class Trainer:
 
     def _differs(self, saved: dict | None) -> list[str] | None:
         """The options in which a saved run's config differs from this one (None: the same, or no config saved is
-        compared as different: ["config"]). Checkpoint spacing and evaluation cadence may change."""
+        compared as different: ["config"]). Checkpoint spacing, evaluation cadence and the device may change."""
         if saved is None:
             return ["config"]
-        ignored = ("checkpoint_seconds", "eval_every")
+        ignored = ("checkpoint_seconds", "eval_every", "device")
         want = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
         saved = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **saved}  # fields added since count at default
         differ = [k for k in want if k not in ignored and saved.get(k) != want[k]]
@@ -378,8 +385,8 @@ class Trainer:
         state = checkpoint.load(self.out / "checkpoint")
         if state is None and (done := self._finished()) is not None:
             return done
-        if state is None:
-            dictionary = self._new_dictionary(next(self.source.chunks(0))[1])
+        if state is None:  # initialised on the CPU, where the chunk is: the same start on every device
+            dictionary = self._new_dictionary(next(self.source.chunks(0))[1]).to(self.device)
         else:
             if state.get("train_cfg") is not None and (differ := self._differs(state["train_cfg"])):
                 shown = ", ".join(f"{k} {state['train_cfg'].get(k)!r} (now {getattr(cfg, k)!r})" for k in differ[:3])
@@ -387,14 +394,15 @@ class Trainer:
                     f"the checkpoint in {str(self.out)!r} is of a run with other settings: {shown}; run it with those to "
                     "continue, give another folder, or remove its checkpoint to start over"
                 )
-            self.dictionary = dictionary = Dictionary(DictConfig(**state["dict_cfg"]))
+            self.dictionary = dictionary = Dictionary(DictConfig(**state["dict_cfg"])).to(self.device)
         unit_norm = cfg.unit_norm_decoder if cfg.unit_norm_decoder is not None else cfg.activation in ("topk", "batchtopk")
         loss_fn = _Loss(dictionary, cfg, self.d)
         ddp = loss_fn
         if self.ranks.world > 1:
-            ddp = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=True)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            ddp = nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids, find_unused_parameters=True)
         optimizer = torch.optim.Adam(dictionary.parameters(), lr=base_lr, betas=(0.9, 0.999), fused=True)
-        since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long)
+        since_fired = torch.zeros(dictionary.d_sae, dtype=torch.long, device=self.device)
         start = 0
         if state is not None:
             start = checkpoint.restore(state, dictionary, optimizer, since_fired)
@@ -403,7 +411,9 @@ class Trainer:
 
                 said = f"resuming from the checkpoint in {str(self.out)!r} at step {start:,} of {cfg.steps:,}"
                 Console(stderr=True).print(said, highlight=False, markup=False)
-        eval_batch = self._split(next(self.eval_source.chunks(0))[1][: cfg.eval_tokens]) if self.eval_source else None
+        eval_batch = (
+            self._split(next(self.eval_source.chunks(0))[1][: cfg.eval_tokens].to(self.device)) if self.eval_source else None
+        )
         metrics_file = self.out / "metrics.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
         if self.ranks.main:  # the log as it was at the checkpoint (empty for a new run)
@@ -418,7 +428,7 @@ class Trainer:
             for step, batch in batches(self.source, cfg.batch_size, cfg.seed, start):
                 if step >= cfg.steps:
                     break
-                x_read, x_write = self._split(batch[self.ranks.rank * local : (self.ranks.rank + 1) * local])
+                x_read, x_write = self._split(batch[self.ranks.rank * local : (self.ranks.rank + 1) * local].to(self.device))
                 for group in optimizer.param_groups:
                     group["lr"] = _lr(cfg, base_lr, step)
                 dead = since_fired >= cfg.dead_tokens
@@ -435,7 +445,7 @@ class Trainer:
                     with torch.no_grad():
                         dictionary.W_dec /= dictionary.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 active: Active = out["active"]
-                fired = torch.zeros(dictionary.d_sae, dtype=torch.long).index_fill_(0, active.cols[active.values > 0], 1)
+                fired = torch.zeros_like(since_fired).index_fill_(0, active.cols[active.values > 0], 1)
                 fired = self.ranks.all_reduce_max(fired).bool()
                 since_fired = torch.where(fired, 0, since_fired + cfg.batch_size)
                 dictionary.activation.observe(active)

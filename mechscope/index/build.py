@@ -323,16 +323,18 @@ def _fold(
     first_token: int,
     skip: int,
 ) -> None:
-    """Run one batch and fold every site's and feature's activations (positions skip.. only) into `stats`."""
+    """Run one batch and fold every site's and feature's activations (positions skip.. only) into `stats`.
+
+    The model (and the dictionaries) run on the model's device; the statistics are kept on the CPU."""
     n, length = tokens.shape
     positions = torch.arange(skip, length).repeat(n)
     global_index = first_token + torch.arange(n).repeat_interleave(length - skip) * length + positions
     cache = model.run(tokens, read=read, logits=False).cache
     for i, d in enumerate(dicts):  # before the sites' activations are popped: a dictionary may read one of them
-        acts = feature_acts(d.dictionary, cache, skip)
+        acts = feature_acts(d.dictionary, cache, skip).cpu()
         stats.update(d.site.first_unit, acts, global_index, positions, count_tokens=i == 0)
     for i, site in enumerate(sites):
-        acts = cache.pop(site.site)[:, skip:]
+        acts = cache.pop(site.site)[:, skip:].cpu()
         stats.update(site.first_unit, acts.reshape(-1, site.width), global_index, positions, count_tokens=i == 0 and not dicts)
 
 
