@@ -11,6 +11,7 @@ import asyncio
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -295,7 +296,9 @@ def test_twenty_clients_times_ten_mixed_requests(live, model):
     async def everyone():
         return await asyncio.gather(*(client(i) for i in range(20)))
 
-    results = [r for per_client in asyncio.run(everyone()) for r in per_client]
+    with ThreadPoolExecutor(1) as own_thread:  # its own event loop: another test's (Playwright's) may be running here
+        answered = own_thread.submit(lambda: asyncio.run(everyone())).result()
+    results = [r for per_client in answered for r in per_client]
     assert len(results) == 200 and all(ok for _, _, ok in results)
     assert {which for which, _, _ in results} == set(range(len(requests)))
 
