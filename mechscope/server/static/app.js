@@ -106,7 +106,9 @@ async function predict() {
   if (!prompt) return showError("type a prompt first");
   const body = { prompt, k: 10 };
   if (target) body.target = target;
-  const data = await call("/api/predict", body);
+  $("lens-cell").replaceChildren(); // a cell of the previous prompt's lens
+  let data;
+  try { data = await call("/api/predict", body); } catch (err) { $("prediction").hidden = true; throw err; }
   setLink({ prompt, target });
   $("prediction").hidden = false;
   $("attribution-section").hidden = !target;
@@ -230,7 +232,8 @@ async function openUnit() {
   if (!unit) return showError("give a unit: a neuron L:N, a head L.H or a feature f:NAME:F");
   const body = { unit, n: 10 };
   if ($("prompt").value) body.prompt = $("prompt").value;
-  const data = await call("/api/unit", body);
+  let data;
+  try { data = await call("/api/unit", body); } catch (err) { $("unit-page").hidden = true; throw err; }
   clearLink("op", "value", "gen");
   setLink({ unit: data.unit });
   $("unit-page").hidden = false;
@@ -246,6 +249,7 @@ async function openUnit() {
   $("unit-stats").parentElement.hidden = !data.stats && !data.histogram; // no empty column before "Raises"
   fill($("promoted"), ["token", "weight"], (data.promoted || []).map((t) => [quoted(t.token), t.weight]));
   fill($("suppressed"), ["token", "weight"], (data.suppressed || []).map((t) => [quoted(t.token), t.weight]));
+  $("promoted").parentElement.hidden = $("suppressed").parentElement.hidden = !data.promoted; // heads have no logit effects
   $("examples-part").hidden = !data.top.length && !data.samples.length;
   $("top-examples").replaceChildren(...data.top.map(example));
   const samples = $("samples");
@@ -276,8 +280,9 @@ async function applyIntervention() {
   $("target-change").className = t ? (t.prob_after >= t.prob_before ? "up" : "down") : "";
   fill($("deltas"), ["token", "before", "after", "change"],
     data.deltas.map((d) => [quoted(d.token), d.prob_before, d.prob_after, d.prob_after - d.prob_before]));
-  $("generation-before").textContent = data.generation_before ?? "(no generation asked for)";
-  $("generation-after").textContent = data.generation_after ?? "";
+  const generated = (text) => (text ?? "").replace(/\n/g, "⏎"); // newlines shown, as in the tables
+  $("generation-before").textContent = data.generation_before === null ? "(no generation asked for)" : generated(data.generation_before);
+  $("generation-after").textContent = generated(data.generation_after);
 }
 
 // -- patching and search ----------------------------------------------------------------------------------
