@@ -13,6 +13,7 @@ I1-I3. the max-activating index (build throughput, its memory, query latency): s
 B1. prompts of different lengths in one call vs a loop over them: see bench_batch.py
 H1, S1-S3. harvest throughput and SAE training speed beside the peers: see bench_sae.py
 W1-W2. the web explorer: HTTP latency against the Python API, 20 clients at once: see serve.py
+X1-X4. torchrun: 2 processes x 1 thread against 1 x 2 threads, the DDP communication share: run alone by scaling.py
 
 `bench/run.py --only attribution` runs only A1-A3 and replaces just the attribution section of RESULTS.md
 (between its two HTML-comment markers), keeping the other sections from the last full run; `--only index`,

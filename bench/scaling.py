@@ -3,9 +3,10 @@
 X1-X3. The three long jobs through the real `mechscope` command, each run three ways on the same input: one
     process with one thread (the reference), one process with two threads (`mechscope ...`, OMP_NUM_THREADS=2)
     and two processes with one thread each (`torchrun --standalone --nproc-per-node 2 --no-python mechscope ...`,
-    OMP_NUM_THREADS=1). X1 `index build` of 16,384 tokens over every MLP neuron (46,080 units), X2 `harvest`
+    OMP_NUM_THREADS=1). X1 `index build` of 12,288 tokens over every MLP neuron (46,080 units), as it is and
+    with OMP_WAIT_POLICY=PASSIVE (X1′, see VARIANTS), X2 `harvest`
     of blocks.15.hook_resid_post, X3 `train-dict` from the store X2's 1 x 1 run wrote (576 -> 4,608 latents,
-    TopK k = 32, batches of 4,096 tokens). Wall time of the whole command (start-up and model load included), the
+    TopK k = 32, 120 steps of 4,096 tokens). Wall time of the whole command (start-up and model load included), the
     figure the command reports itself where it reports one, and a cheap check that the runs made the same thing.
 X4. The communication share of a DDP training step: the trainer itself (`train_dictionary` from that store, no
     model) under torchrun, 2 processes x 1 thread on gloo, once as it is and once with DDP's gradient all-reduce
@@ -346,7 +347,7 @@ def _ddp_lines(d: dict) -> list[str]:
         f"| the same step with the gradient all-reduce off (`require_backward_grad_sync = False`) | {d['nosync_step_s']:.3f} |",
         f"| **communication share of the step** (difference / step) | **{d['share']:.0%}** |",
         f"| all-reduce of the {mb:.1f} MB of parameters alone, same processes | {d['allreduce_s']:.3f} "
-        f"({d['allreduce_share']:.0%} of a step; {2 * mb / d['allreduce_s']:,.0f} MB/s as 2 × bytes / time) |",
+        f"({d['allreduce_share']:.0%} of a step; {mb / d['allreduce_s']:,.0f} MB/s: bytes / time) |",
         "",
         f"Method: the trainer itself (`train_dictionary` from the store, no model: X3's dictionary, {DDP_STEPS} steps per "
         f"run, {DDP_ROUNDS} runs of each kind, alternated) under `torchrun --nproc-per-node 2`, "
@@ -365,26 +366,52 @@ def render(r: dict, stamp: str) -> str:
              f"{parts}.", ""]  # fmt: skip
     lines += _job_rows(r)
     lines += ["", "Wall time of the whole command, start-up and model loading included, one run each. Efficiency: "
-              "the 1×1 time over 2 × the time (2 cores); speed-up: the 1×2 time over the 2×1 time.", ""]  # fmt: skip
+              "the 1×1 time over 2 × the time (2 cores); speed-up: the 1×2 time over the 2×1 time. Threads are set by "
+              "OMP_NUM_THREADS (torch follows it); the 1-process runs are plain `mechscope ...`, the 2-process runs "
+              "`torchrun --standalone --nproc-per-node 2 --no-python mechscope ...`. Below, *cores busy* is the CPU "
+              "time of the command and all its processes over its wall time; *others' cores* what the rest of the "
+              "machine used meanwhile (the check that a run was not disturbed); the load average at a run's start "
+              "includes this script's previous run.", ""]  # fmt: skip
     lines += _detail_rows(r) + [""]
     if "ddp" in r:
         lines += _ddp_lines(r["ddp"]) + [""]
-    lines += ["### What it means", "", MEANING, "", MARK_END]
+    lines += ["### What it means", "", _meaning(r), "", MARK_END]
     return "\n".join(lines) + "\n"
 
 
-MEANING = (
-    "This machine has two cores, so none of these runs gets more hardware than another: 1×2 and 2×1 are two ways "
-    "of spending the same two cores. One process with two threads splits each matrix product between two "
-    "OpenMP threads, which meet at a barrier after every operation; the many small operations of a 135 M model "
-    "at batch 8 (layer norms, attention over 128 positions, the hooks) do not split well, so 1×2 keeps "
-    "the second core only partly busy. Two processes with one thread each run whole forward passes side by side "
-    "and meet only at the end of a share (index, harvest) or once a step (training); the price is a second copy "
-    "of the model in memory, a second model load and, for training, the gradient all-reduce. On a machine with "
-    "more cores or more machines, torchrun's processes add hardware and these ratios become the per-core "
-    "efficiency, the figures to read are then the 2×1 efficiencies (how close two processes come to twice one), "
-    "not the speed-up over 1×2."
-)
+def _meaning(r: dict) -> str:
+    """The paragraph under the tables, its figures from `r`."""
+    if not all(part in r for part in ("index", "harvest", "train", "ddp")):
+        return "(Run every part, `bench/scaling.py` without `--only`, for this paragraph.)"
+    t = {job: {name: run["wall_s"] for name, run in r[job]["runs"].items()} for job in JOBS}
+    busy = {name: run["cpu_s"] / run["wall_s"] for name, run in r["index"]["runs"].items()}
+    h, x, d = r["harvest"]["runs"], t["index"], r["ddp"]
+    return (
+        "This machine has two cores, so no run here gets more hardware than another: 1×2 and 2×1 are two ways of "
+        f"spending the same two cores. For the harvest they come out even (1×2 {t['harvest']['1x2']:.1f} s, 2×1 "
+        f"{t['harvest']['2x1']:.1f} s, both about {t['harvest']['1x1'] / t['harvest']['2x1']:.1f}× one thread): "
+        "its forward passes split well between two threads, and a second process adds only its own start-up "
+        f"(the command on a finished store: {h['2x1']['again_s']:.1f} s against {h['1x2']['again_s']:.1f} s). For "
+        f"training, 1×2 wins ({t['train']['1x2']:.1f} s against {t['train']['2x1']:.1f} s): every 2-process step "
+        f"all-reduces {d['param_bytes'] / 1e6:.0f} MB of gradients, {d['share']:.0%} of the step. The bare all-reduce "
+        f"of those bytes takes {d['allreduce_share']:.0%} of a step; the rest is DDP's own work around it (copies into "
+        "buckets, the search for unused parameters) and its threads competing with the compute for two cores, not "
+        "told apart here. The index build is the odd one: as shipped, 2×1 takes "
+        f"{x['2x1'] / x['1x1']:.1f}× as long as one process ({x['2x1']:.0f} s against {x['1x1']:.0f} s). Its compiled "
+        "kernels (numba, parallel) run an OpenMP team of NUMBA_NUM_THREADS threads, 2 here whatever "
+        "OMP_NUM_THREADS says, and the idle member spins: one process with one thread already keeps "
+        f"{busy['1x1']:.1f} cores busy, and two such processes spin on the cores the other one needs. With "
+        f"`OMP_WAIT_POLICY=PASSIVE` the spinning stops ({busy['1x1-passive']:.1f} cores busy) and 2×1 takes "
+        f"{x['2x1-passive']:.0f} s, still no faster than one process ({x['1x1-passive']:.0f} s): rank 0's merge of the "
+        "shards' top examples of 46,080 units is serial work one process never does, and at "
+        f"{INDEX_TOKENS:,} tokens it weighs as much as the forward passes saved. The fix belongs in the index code "
+        "(size numba's pool to torch's thread count); until then, set OMP_WAIT_POLICY=PASSIVE for builds under torchrun. "
+        "On a machine with more cores, or several machines, torchrun's processes do add hardware; what carries over "
+        "from here is the 2×1 efficiency (how close two processes come to twice one process's speed, "
+        f"{t['harvest']['1x1'] / (2 * t['harvest']['2x1']):.0%} for the harvest, "
+        f"{t['train']['1x1'] / (2 * t['train']['2x1']):.0%} for training) and the all-reduce's share of a step, "
+        "which falls as each process's share of the batch grows."
+    )
 
 
 def _machine() -> str:
