@@ -15,6 +15,7 @@ from mechscope.toys import (
     represented,
     sparsity_levels,
     superposition,
+    train_instances,
     train_toy,
 )
 from mechscope.toys.phase import PHASES, expected_loss, phase_diagram
@@ -30,6 +31,33 @@ def test_the_measures_on_known_geometries():
     assert feature_dimensionality(orthogonal)[0, :2].tolist() == pytest.approx([1.0, 1.0])
     assert superposition(orthogonal)[0, :2].tolist() == pytest.approx([0.0, 0.0])
     assert superposition(antipodal)[0].tolist() == pytest.approx([1.0] * 4)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_the_hand_written_gradient_equals_autograd(relu):
+    """The training step's gradient, written out by hand, equals autograd's on the same batch, and every
+    instance's data follows its own probability while instances of one stream share their draws."""
+    from mechscope.toys.superposition import ToyModel, _Step
+
+    p, importance = torch.tensor([1.0, 1.0, 0.3, 0.3, 0.05, 0.05]), 0.8 ** torch.arange(7.0).expand(6, -1)
+    model = ToyModel(6, 7, 3, relu, seed=1)
+    with torch.no_grad():
+        model.b.normal_()  # some outputs below zero, so the ReLU's mask matters
+    step = _Step(model, p, importance, 4096, streams=2, gen=torch.Generator().manual_seed(2))
+    step()
+    x = step.x.clone()
+    by_hand = model.W.grad.clone(), model.b.grad.clone()
+    model.W.grad = model.b.grad = None
+    (importance[:, None] * (x - model(x)).pow(2)).mean(dim=(1, 2)).sum().backward()
+    assert torch.allclose(by_hand[0], model.W.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(by_hand[1], model.b.grad, rtol=1e-5, atol=1e-7)
+    on = (x > 0).float().mean(dim=(1, 2))
+    assert on.tolist() == pytest.approx(p.tolist(), abs=0.01)
+    assert x.min() >= 0 and x.max() < 1
+    assert not ((x[4] > 0) & (x[2] == 0)).any()  # stream 0: a draw on at p = 0.05 is on at p = 0.3
+    assert ((x[5] > 0) & (x[2] == 0)).any()  # stream 1 draws on its own
+    with pytest.raises(MechscopeError, match="streams=4 is invalid: it must divide the 6 instances"):
+        train_instances(p, importance, 3, steps=1, streams=4, show_progress=False)
 
 
 @pytest.mark.parametrize(

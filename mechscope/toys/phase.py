@@ -172,7 +172,7 @@ def phase_diagram(
 
     importance = torch.stack([torch.ones_like(r), r], -1).float().repeat_interleave(seeds, 0)  # [C·seeds, 2]
     W, b, _ = train_instances(
-        p.float().repeat_interleave(seeds), importance, 1, steps=steps, seed=seed, show_progress=show_progress
+        p.float().repeat_interleave(seeds), importance, 1, steps=steps, seed=seed, streams=seeds, show_progress=show_progress
     )
     exact = expected_loss(W[..., 0].double(), b.double(), p.repeat_interleave(seeds), r.repeat_interleave(seeds))
     exact = exact.view(R * P, seeds)
