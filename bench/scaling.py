@@ -3,9 +3,9 @@
 X1-X3. The three long jobs through the real `mechscope` command, each run three ways on the same input: one
     process with one thread (the reference), one process with two threads (`mechscope ...`, OMP_NUM_THREADS=2)
     and two processes with one thread each (`torchrun --standalone --nproc-per-node 2 --no-python mechscope ...`,
-    OMP_NUM_THREADS=1). X1 `index build` of 12,288 tokens over every MLP neuron (46,080 units), as it is and
-    with OMP_WAIT_POLICY=PASSIVE (X1′, see VARIANTS), X2 `harvest`
-    of blocks.15.hook_resid_post, X3 `train-dict` from the store X2's 1 x 1 run wrote (576 -> 4,608 latents,
+    OMP_NUM_THREADS=1). X1 `index build` of 12,288 tokens over every MLP neuron (46,080 units), with rank 0's
+    own timings (its share, its wait, the merge), X2 `harvest` of blocks.15.hook_resid_post, X3 `train-dict`
+    from the store X2's 1 x 1 run wrote (576 -> 4,608 latents,
     TopK k = 32, 120 steps of 4,096 tokens). Wall time of the whole command (start-up and model load included), the
     figure the command reports itself where it reports one, and a cheap check that the runs made the same thing.
 X4. The communication share of a DDP training step: the trainer itself (`train_dictionary` from that store, no
@@ -48,10 +48,8 @@ SAVED = common.BENCH_DIR / "out" / "scaling.json"
 BIN = Path(sys.executable).parent  # the venv's mechscope and torchrun
 SITE = "blocks.15.hook_resid_post"
 CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # name: (processes, threads per process)
-PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-VARIANTS = {"index": {"": {}, " passive": PASSIVE}, "harvest": {"": {}}, "train": {"": {}}}
-"""Per job, the environments each configuration runs in (suffix of the run's name: extra variables). The index
-build's compiled kernels (numba) run an OpenMP team whose idle threads spin; OMP_WAIT_POLICY=PASSIVE parks them."""
+VARIANTS = {"index": {"": {}}, "harvest": {"": {}}, "train": {"": {}}}
+"""Per job, the environments each configuration runs in (suffix of the run's name: extra variables)."""
 INDEX_TOKENS = 12_288  # 96 contexts of 128: 12 batches of 8, 6 per process
 SHARD_CONTEXTS, SHARDS = 32, 8  # harvest: 8 shards of 32 contexts x 124 stored positions (4 per process)
 TRAIN_STEPS, BATCH, EVAL_EVERY = 120, 4_096, 10
@@ -152,7 +150,13 @@ def run_job(job: str) -> dict:
 def _reported(job: str, stdout: str, out: Path) -> dict:
     """What the command reports itself: the index's build time, the store's tokens, the training loop's time."""
     if job == "index":
-        return {"reported_s": float(re.findall(r"\(([\d.]+) s\)", stdout)[-1])}
+        reported = {"reported_s": float(re.findall(r"\(([\d.]+) s\)", stdout)[-1])}
+        parts = re.findall(
+            r"its share built in ([\d.]+) s, waited ([\d.]+) s for the other ranks, \d+ parts merged in ([\d.]+) s", stdout
+        )
+        if parts:  # rank 0's own timings under torchrun
+            reported.update(zip(("share_s", "wait_s", "merge_s"), map(float, parts[-1]), strict=True))
+        return reported
     if job == "harvest":
         return {"tokens": int(re.findall(r": ([\d,]+) tokens of", stdout)[-1].replace(",", ""))}
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -308,7 +312,12 @@ def _inner(job: str, run: dict) -> str:
     if job == "index":
         rest = run["wall_s"] - run["reported_s"]
         build = f"build {run['reported_s']:.1f} s ({INDEX_TOKENS / run['reported_s']:,.0f} tokens/s)"
-        return f"{build}; the rest (start-up, load) {rest:.1f} s"
+        ranks = (
+            f"; rank 0: its share {run['share_s']:.1f} s, waiting {run['wait_s']:.1f} s, merge {run['merge_s']:.1f} s"
+            if "merge_s" in run
+            else ""
+        )
+        return f"{build}; the rest (start-up, load) {rest:.1f} s{ranks}"
     if job == "harvest":
         per_s = f"{run['tokens']:,} tokens, {run['tokens'] / run['wall_s']:,.0f} tokens/s of wall time"
         return f"{per_s}; the same command on the finished store {run['again_s']:.1f} s"
@@ -384,7 +393,7 @@ def _meaning(r: dict) -> str:
     if not all(part in r for part in ("index", "harvest", "train", "ddp")):
         return "(Run every part, `bench/scaling.py` without `--only`, for this paragraph.)"
     t = {job: {name: run["wall_s"] for name, run in r[job]["runs"].items()} for job in JOBS}
-    busy = {name: run["cpu_s"] / run["wall_s"] for name, run in r["index"]["runs"].items()}
+    ix = r["index"]["runs"]["2x1"]
     h, x, d = r["harvest"]["runs"], t["index"], r["ddp"]
     return (
         "This machine has two cores, so no run here gets more hardware than another: 1×2 and 2×1 are two ways of "
@@ -396,16 +405,13 @@ def _meaning(r: dict) -> str:
         f"all-reduces {d['param_bytes'] / 1e6:.0f} MB of gradients, {d['share']:.0%} of the step. The bare all-reduce "
         f"of those bytes takes {d['allreduce_share']:.0%} of a step; the rest is DDP's own work around it (copies into "
         "buckets, the search for unused parameters) and its threads competing with the compute for two cores, not "
-        "told apart here. The index build is the odd one: as shipped, 2×1 takes "
-        f"{x['2x1'] / x['1x1']:.1f}× as long as one process ({x['2x1']:.0f} s against {x['1x1']:.0f} s). Its compiled "
-        "kernels (numba, parallel) run an OpenMP team of NUMBA_NUM_THREADS threads, 2 here whatever "
-        "OMP_NUM_THREADS says, and the idle member spins: one process with one thread already keeps "
-        f"{busy['1x1']:.1f} cores busy, and two such processes spin on the cores the other one needs. With "
-        f"`OMP_WAIT_POLICY=PASSIVE` the spinning stops ({busy['1x1-passive']:.1f} cores busy) and 2×1 takes "
-        f"{x['2x1-passive']:.0f} s, still no faster than one process ({x['1x1-passive']:.0f} s): rank 0's merge of the "
-        "shards' top examples of 46,080 units is serial work one process never does, and at "
-        f"{INDEX_TOKENS:,} tokens it weighs as much as the forward passes saved. The fix belongs in the index code "
-        "(size numba's pool to torch's thread count); until then, set OMP_WAIT_POLICY=PASSIVE for builds under torchrun. "
+        "told apart here. The index build splits its forward passes between processes as well as between threads "
+        f"(2×1 {x['2x1']:.0f} s, 1×2 {x['1x2']:.0f} s, 1×1 {x['1x1']:.0f} s), but rank 0 then merges the shards' top "
+        f"examples and samples of 46,080 units ({ix['merge_s']:.0f} s after its own share's {ix['share_s']:.0f} s): "
+        f"serial work one process never does, and at {INDEX_TOKENS:,} tokens it takes back most of what the second "
+        "process saved; it grows with the units, not the tokens, so longer builds gain more. Before numba's thread "
+        "pool was sized to torch's threads (commit c8b44ec and earlier), each torchrun process kept a second, "
+        "spinning thread, and 2×1 took 5.8× as long as one process (230 s against 40 s). "
         "On a machine with more cores, or several machines, torchrun's processes do add hardware; what carries over "
         "from here is the 2×1 efficiency (how close two processes come to twice one process's speed, "
         f"{t['harvest']['1x1'] / (2 * t['harvest']['2x1']):.0%} for the harvest, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def test_two_processes_build_what_one_builds(folder, one, tmp_path):
     done = _run(command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("index: ") == 1, done.stdout  # rank 0 reports, rank 1 is quiet
+    assert re.search(r"rank 0: its share built in [\d.]+ s, waited [\d.]+ s for the other ranks, 2 parts merged in", done.stdout)
     assert _left(tmp_path) == ["index.duckdb"]  # the shards are merged and gone
     _same_build(out, one)
     assert _tables(out)["meta"]["shards"] == [[0, 20], [20, 38]]

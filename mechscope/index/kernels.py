@@ -11,12 +11,20 @@ Imported on first use: compiling takes a few seconds once, and numba caches the 
 
 from __future__ import annotations
 
+import os
 import threading
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+
+# numba starts its pool of NUMBA_NUM_THREADS threads (default: one per core) at the first parallel call,
+# and threads left idle by `numba.set_num_threads` still spin between calls. Under torchrun, where each
+# process gets OMP_NUM_THREADS=1, two processes then kept four threads busy on two cores and the build
+# ran 5x slower. Unless the user chose, the pool is sized to torch's threads (read before numba loads).
+os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
+
+import numba  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 from mechscope.index.stats import LOW_EXP, N_BINS, PER_OCTAVE, SIDE, ZERO_BIN
 

@@ -15,7 +15,8 @@
    `out`, so that `out` is the old index or the whole new one, never part of one; then it removes the
    shards. Every rank waits for the merge, and returns `out`.
 
-Rank 0 shows the progress of its own share; the other ranks are quiet. Over several nodes, `out` must
+Rank 0 shows the progress of its own share and then one line of timings (its build, its wait for the
+others, the merge); the other ranks are quiet. Over several nodes, `out` must
 be in a folder every node shares: rank 0 reads every shard.
 """
 
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
+
+import rich
 
 from mechscope.errors import MechscopeError
 from mechscope.index import store
@@ -47,10 +51,20 @@ def build_sharded(
         return out
     share = shard_spans((span[0] + held, span[1]), settings.batch_size, ranks.world)[ranks.rank]
     title = f"[bold]indexing[/] rank 0 of {ranks.world}" if progress and ranks.main else None
+    times = [time.perf_counter()]
     _build_file(model, shards[ranks.rank], plan, settings, share, checkpoint_seconds, title)
+    times.append(time.perf_counter())
     ranks.wait_for_all()
+    times.append(time.perf_counter())
     if ranks.main:
-        _merge_in_place(([out] if held else []) + shards, out)
+        parts = ([out] if held else []) + shards
+        _merge_in_place(parts, out)
+        if progress:
+            built, waited, merged = (b - a for a, b in zip(times, [*times[1:], time.perf_counter()], strict=True))
+            rich.get_console().print(
+                f"rank 0: its share built in {built:.1f} s, waited {waited:.1f} s for the other ranks, "
+                f"{len(parts)} parts merged in {merged:.1f} s", soft_wrap=True,
+            )  # fmt: skip
     ranks.wait_for_all()
     return out
 
