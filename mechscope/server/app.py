@@ -284,6 +284,8 @@ def _too_large(limit: int):
 def _validation_message(err: RequestValidationError) -> str:
     parts = []
     for e in err.errors():
+        if e.get("type") == "json_invalid":
+            return f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
