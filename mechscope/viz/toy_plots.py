@@ -81,7 +81,7 @@ def geometry_png(result: ToyResult, out: str | Path) -> Path:
     """Each instance's m = 2 embeddings W_i as arrows from the origin, numbered by importance rank."""
     plt = _plt()
     count = len(result.probabilities)
-    fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.9), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(1, count, figsize=(max(2.6 * count, 6.0), 3.1), squeeze=False, constrained_layout=True)
     limit = max(1.3, float(result.W.abs().max()) * 1.15)
     colours = plt.cm.viridis(torch.linspace(0, 0.9, result.cfg.n_features).numpy())
     for ax, W, p in zip(axes[0], result.W, result.probabilities, strict=True):
@@ -93,7 +93,8 @@ def geometry_png(result: ToyResult, out: str | Path) -> Path:
         ax.set_aspect("equal")
         ax.set_title(_sparsity(p), fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"{_title(result)}: embeddings W_i in the 2 hidden dimensions (number = importance rank)", fontsize=10)
+    # two lines: with few panels, one line is wider than the figure and is cut at both ends
+    fig.suptitle(f"{_title(result)}\nembeddings W_i in the 2 hidden dimensions (number = importance rank)", fontsize=9)
     return save_png(fig, out)
 
 
