@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,36 +42,20 @@ SPEED = {  # name: (n, m, instances, steps timed)
 }
 
 
-def _shape(W) -> str:
-    """What a seed of the n = 5, m = 2 toy learned: a pentagon, two antipodal pairs (+ one), or k features."""
-    import torch
-
-    norms = W.norm(dim=-1)
-    on = norms > 0.5
-    if int(on.sum()) == 5:
-        angles = sorted(math.degrees(a) % 360 for a in torch.atan2(W[:, 1], W[:, 0]).tolist())
-        gaps = [(angles[(i + 1) % 5] - angles[i]) % 360 for i in range(5)]
-        if all(abs(g - 72) <= 5 for g in gaps) and norms.max() / norms.min() < 1.1:
-            return "pentagon"
-    unit = W[on] / norms[on, None]
-    opposite = int(((unit @ unit.T) < -0.95).sum()) // 2
-    if opposite >= 2:
-        return f"{opposite} antipodal pairs" + (f" + {int(on.sum()) - 2 * opposite}" if int(on.sum()) > 4 else "")
-    return f"{int(on.sum())} features"
-
-
 def result_a() -> dict:
-    from mechscope.toys import ToyConfig, represented, train_toy
+    from mechscope.toys import ToyConfig, planar_geometry, represented, train_toy
     from mechscope.viz import toy_plots
 
     log("Ta: 5 features in 2 dimensions, 8 seeds")
     cfg = ToyConfig(n_features=5, n_hidden=2, probabilities=(1.0, 0.02, 0.01), seeds=8, steps=STEPS)
     result = train_toy(cfg, show_progress=False)
-    shapes = {p: [_shape(W) for W, q in zip(result.W, result.probabilities, strict=True) if q == p] for p in cfg.probabilities}
+    shapes = {
+        p: [planar_geometry(W) for W, q in zip(result.W, result.probabilities, strict=True) if q == p] for p in cfg.probabilities
+    }
     best = result.best()
     toy_plots.geometry_png(best, FIGURES / "toys-a-geometry.png")
     toy_plots.features_png(best, FIGURES / "toys-a-features.png")
-    return {"shapes": shapes, "best": [_shape(W) for W in best.W], "represented": represented(best.W).tolist()}
+    return {"shapes": shapes, "best": [planar_geometry(W) for W in best.W], "represented": represented(best.W).tolist()}
 
 
 def result_b() -> dict:

@@ -82,7 +82,7 @@ def superposition_command(
     out: OutOpt = Path("reports/toy-superposition"),
 ) -> None:
     """Train n features squeezed into m dimensions at each sparsity; plot W Wᵀ, norms, superposition and geometry."""
-    from mechscope.toys import ToyConfig, dimensions_per_feature, represented, train_toy
+    from mechscope.toys import ToyConfig, dimensions_per_feature, planar_geometry, represented, train_toy
     from mechscope.viz import toy_plots
 
     _check_sizes(n, m)
@@ -98,10 +98,14 @@ def superposition_command(
     result = train_toy(cfg).best()
     kind = "linear model: " if linear else ""
     table = Table(title=f"{kind}{n} features in {m} dimensions (best of {seeds} seeds per level)", title_justify="left")
-    for column in ("sparsity S", "represented (‖W_i‖ > 0.5)", "D* = m/‖W‖²_F", "loss"):
+    planar = ["geometry"] if m == 2 else []
+    for column in ("sparsity S", "represented", *planar, "D* = m/‖W‖²_F", "loss"):
         table.add_column(column, justify="right")
-    for s, count, d, loss in zip(levels, represented(result.W), dimensions_per_feature(result.W), result.loss, strict=True):
-        table.add_row(f"{s:g}", str(int(count)), f"{float(d):.3f}", f"{float(loss):.3e}")
+    table.caption, table.caption_justify = "represented: features with ‖W_i‖ > 0.5", "left"
+    measured = represented(result.W), dimensions_per_feature(result.W), result.loss
+    for s, W, count, d, loss in zip(levels, result.W, *measured, strict=True):
+        shape = [planar_geometry(W)] if planar else []
+        table.add_row(f"{s:g}", str(int(count)), *shape, f"{float(d):.3f}", f"{float(loss):.3e}")
     console.print(table)
     paths = [toy_plots.features_png(result, out / "features.png")]
     figures = [("W Wᵀ and feature norms", toy_plots.features_figure(result))]

@@ -15,7 +15,7 @@ def test_superposition_writes_its_plots(monkeypatch, capsys, tmp_path):
     code, out, err = run(monkeypatch, capsys, "superposition", "--sparsity", "0,0.99", "--seeds", "1", "--steps", "300",
                          "--out", tmp_path)  # fmt: skip
     assert code == 0, err
-    assert "5 features in 2 dimensions" in out and "D* = m/‖W‖²_F" in out
+    assert "5 features in 2 dimensions" in out and "D* = m/‖W‖²_F" in out and "geometry" in out
     for name in ("features.png", "geometry.png", "dimensionality.png", "toy.html", "plotly.min.js"):
         assert (tmp_path / name).stat().st_size > 1000, name
     assert "W Wᵀ and feature norms" in (tmp_path / "toy.html").read_text()
@@ -43,6 +43,8 @@ def test_phase_diagram_and_dimensionality_run(monkeypatch, capsys, tmp_path):
         (["dimensionality", "--n", "10", "--m", "20"], "error: --m 20 is not below --n 10"),
         (["phase-diagram", "--densities", "1"], "error: --densities 1 is out of range"),
         (["phase-diagram", "--seeds", "64", "--densities", "50", "--importances", "50"], "instances requested"),
+        (["superposition", "--n", "10000", "--m", "9999", "--seeds", "64"], "GiB, more than half of this machine's"),
+        (["dimensionality", "--n", "10000", "--m", "9999", "--levels", "200"], "train fewer instances"),
     ],
 )
 def test_bad_settings_are_one_line(monkeypatch, capsys, tmp_path, argv, message):

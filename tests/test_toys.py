@@ -12,6 +12,7 @@ from mechscope.toys import (
     dimensions_per_feature,
     feature_dimensionality,
     fraction_lines,
+    planar_geometry,
     represented,
     sparsity_levels,
     superposition,
@@ -31,6 +32,21 @@ def test_the_measures_on_known_geometries():
     assert feature_dimensionality(orthogonal)[0, :2].tolist() == pytest.approx([1.0, 1.0])
     assert superposition(orthogonal)[0, :2].tolist() == pytest.approx([0.0, 0.0])
     assert superposition(antipodal)[0].tolist() == pytest.approx([1.0] * 4)
+
+
+def test_planar_geometries_are_named():
+    def ring(k, norm=1.0, turn=0.3):
+        a = torch.arange(k) * 2 * math.pi / k + turn
+        return norm * torch.stack([a.cos(), a.sin()], -1)
+
+    assert planar_geometry(ring(5)) == "pentagon"
+    assert planar_geometry(torch.cat([ring(5, 1.16), torch.zeros(2, 2)])) == "pentagon"  # unrepresented ones ignored
+    assert planar_geometry(ring(4)) == "square" and planar_geometry(ring(8)) == "regular 8-gon"
+    assert planar_geometry(torch.tensor([[1.0, 0], [-1, 0], [0, 0.8], [0, -0.8], [0.7, 0.7]])) == "2 antipodal pairs + 1"
+    assert planar_geometry(torch.tensor([[1.0, 0], [0, 1], [0, 0.1]])) == "2 features"
+    assert planar_geometry(ring(5) * torch.tensor([[1.0], [1], [1], [1], [1.5]])) != "pentagon"  # unequal norms
+    with pytest.raises(MechscopeError, match=r"W has shape \[5, 3\]"):
+        planar_geometry(torch.zeros(5, 3))
 
 
 @pytest.mark.parametrize("relu", [True, False])

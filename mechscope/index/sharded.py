@@ -81,9 +81,10 @@ def shard_spans(span: tuple[int, int], batch_size: int, world: int) -> list[tupl
     start, stop = span
     batches = -(-(stop - start) // batch_size)
     if batches < world:
+        contexts = f"{stop - start} contexts make" if stop - start != 1 else "1 context makes"
         raise MechscopeError(
-            f"{stop - start} contexts make {batches} batch{'es' * (batches != 1)} of {batch_size}, fewer than the "
-            f"{world} processes: give each process at least one batch (more tokens, a smaller batch size, or fewer processes)"
+            f"{contexts} {batches} batch{'es' * (batches != 1)} of {batch_size}, fewer than the {world} processes: "
+            "give each process at least one batch (more tokens, a smaller batch size, or fewer processes)"
         )
     edges = [min(stop, start + batches * rank // world * batch_size) for rank in range(world + 1)]
     return list(zip(edges, edges[1:], strict=False))

@@ -16,6 +16,7 @@ Measures of the result (per instance):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -160,6 +161,7 @@ def train_instances(
     step those of one instance per seed instead of one per instance. Raises MechscopeError when
     `streams` does not divide I."""
     instances, n = importance.shape
+    _check_memory(instances, n, n_hidden, batch)
     streams = instances if streams is None else streams
     if streams < 1 or instances % streams:
         raise MechscopeError(f"streams={streams} is invalid: it must divide the {instances} instances")
@@ -177,6 +179,19 @@ def train_instances(
         losses = [(importance[:, None] * (x - model(x)).pow(2)).mean(dim=(1, 2)) for x in
                   (shared_sample(probabilities, 8192, n, gen) for _ in range(EVAL_BATCHES))]  # fmt: skip
     return model.W.detach().clone(), model.b.detach().clone(), torch.stack(losses).mean(0)
+
+
+def _check_memory(instances: int, n: int, m: int, batch: int) -> None:
+    """Refuse, before anything is allocated, toys whose tensors would not fit in half the machine's memory:
+    W with its gradient, Adam's two moments and the copy returned (5 × [I, n, m]), a step's batch tensors,
+    the final loss's batches of 8,192, and the [I, n, n] feature overlaps the measures compute."""
+    floats = instances * (5 * n * m + batch * (3 * n + 2 * m) + 4 * 8192 * n + 2 * n * n)
+    need, have = 4 * floats, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have / 2:
+        raise MechscopeError(
+            f"{instances} toys of {n} features in {m} dimensions need about {need / 2**30:,.1f} GiB, more than half of this "
+            f"machine's {have / 2**30:.1f} GiB: train fewer instances (levels or seeds), features or dimensions"
+        )
 
 
 class _Step:
@@ -252,6 +267,31 @@ def superposition(W: Tensor) -> Tensor:
     """[I, n] Σ_{j≠i} (Ŵ_i · W_j)²: how much the other features interfere along feature i's direction."""
     proj = _projections(W)
     return proj.sum(-1) - torch.diagonal(proj, dim1=-2, dim2=-1)
+
+
+_POLYGONS = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon"}
+
+
+def planar_geometry(W: Tensor, threshold: float = 0.5) -> str:
+    """Name what the represented features (norm above `threshold`) of one m = 2 toy W [n, 2] form: a regular
+    polygon ("pentagon": norms within 10 % of each other and consecutive angles 360°/k ± 5°), "j antipodal
+    pairs" (+ the others), or "k features". Raises MechscopeError for an m other than 2."""
+    if W.dim() != 2 or W.shape[-1] != 2:
+        raise MechscopeError(f"W has shape {list(W.shape)}: a planar geometry needs one toy's [n, 2] embeddings")
+    norms = W.norm(dim=-1)
+    on = norms > threshold
+    k = int(on.sum())
+    if k >= 3:
+        angles = torch.atan2(W[on, 1], W[on, 0]).rad2deg().remainder(360).sort().values
+        gaps = (angles.roll(-1) - angles).remainder(360)
+        if (gaps - 360 / k).abs().max() <= 5 and norms[on].max() / norms[on].min() < 1.1:
+            return _POLYGONS.get(k, f"regular {k}-gon")
+    unit = W[on] / norms[on, None]
+    pairs = int(((unit @ unit.T) < -0.95).sum()) // 2
+    if pairs >= 1 and k >= 2:
+        rest = k - 2 * pairs
+        return f"{pairs} antipodal pair{'s' * (pairs != 1)}" + (f" + {rest}" if rest > 0 else "")
+    return f"{k} feature{'s' * (k != 1)}"
 
 
 FRACTIONS = (1.0, 3 / 4, 2 / 3, 1 / 2, 2 / 5, 3 / 8)
