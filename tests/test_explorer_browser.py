@@ -298,13 +298,13 @@ def test_patching_heatmap(page, smollm2):
     header = page.locator("#patch-grid tr").first.locator("th").all_text_contents()
     assert header == ["layer", "The", "·capital", "·of", "·France/·Italy", "·is"]
     table = rows(page, "#patch-grid")
-    assert [row[0] for row in table] == [str(layer) for layer in range(smollm2.dims.n_layers)]
+    assert [row[0] for row in table] == [str(layer) for layer in reversed(range(smollm2.dims.n_layers))]  # last on top
     assert all(len(row) == 1 + 5 for row in table)
     # Patching the whole residual stream before layer 0 at the one position that differs restores the clean
     # run exactly (1.00), and at a position where both prompts agree changes nothing (0.00).
-    france = header.index("·France/·Italy")
-    assert table[0][france] == "1.00"
-    assert [v for i, v in enumerate(table[0]) if i not in (0, france)] == ["0.00"] * 4
+    france, first = header.index("·France/·Italy"), table[-1]
+    assert first[france] == "1.00"
+    assert [v for i, v in enumerate(first) if i not in (0, france)] == ["0.00"] * 4
     assert page.inner_text("#patch-summary").startswith("hook_resid_pre: ")
     shot(page, "07-patching")
 

@@ -299,7 +299,8 @@ async function patch() {
   head.append(el("th", "layer"));
   for (const c of data.cols) head.append(el("th", shown(c)));
   table.append(head);
-  data.rows.forEach((label, r) => {
+  const order = data.rows.map((label, r) => ({ label, r })).reverse(); // last layer on top, as in the lens
+  for (const { label, r } of order) {
     const tr = el("tr");
     tr.append(el("th", label));
     data.grid[r].forEach((v) => {
@@ -308,7 +309,7 @@ async function patch() {
       tr.append(td);
     });
     table.append(tr);
-  });
+  }
 }
 
 async function search() {
