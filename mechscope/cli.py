@@ -22,6 +22,7 @@ from rich.table import Table
 from mechscope.cli_common import (
     atomic_output,
     check_folder,
+    check_html_png,
     check_output,
     check_positions,
     check_range,
@@ -154,7 +155,7 @@ def lens(
     from mechscope import viz
 
     _check_k("--k", k, None, MAX_LENS_K)
-    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    html, png = check_html_png(html, png)
     m = _load(model, dtype)
     _check_k("--k", k, m, MAX_LENS_K)
     check_positions("--pos", pos or [], _n_tokens(m, text))
@@ -280,7 +281,7 @@ def neuron(
     from mechscope.attribution import unit_activations
     from mechscope.attribution.activations import as_list
 
-    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    html, png = check_html_png(html, png)
     m = _load(model, dtype)
     values = as_list(unit_activations(m, list(texts), unit))
     if as_json:
@@ -346,7 +347,7 @@ def pattern(
     from mechscope import viz
     from mechscope.attribution import attention_pattern, parse_unit
 
-    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    html, png = check_html_png(html, png)
     m = _load(model, dtype)
     unit = parse_unit(head, m)
     if unit.kind != "head":

@@ -100,6 +100,17 @@ def _writable_folder(option: str, path: Path, folder: Path) -> None:
     os.unlink(probe)
 
 
+def check_html_png(html: Path | str | None, png: Path | str | None) -> tuple[Path | None, Path | None]:
+    """`check_output` for a command's --html and --png, which must name two different files."""
+    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    if html and png and html.resolve() == png.resolve():
+        raise MechscopeError(
+            f"--html and --png are the same file {str(png)!r}: "
+            f"give the HTML its own path, such as {str(png.with_suffix('.html'))!r}"
+        )
+    return html, png
+
+
 def check_output(option: str, path: Path | str | None, suffix: str | None = None) -> Path | None:
     """Check, before any work, that the file `path` can be written (None passes through).
 

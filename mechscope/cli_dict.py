@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mechscope.cli_common import DeviceOpt, check_folder, check_output, check_range, job_device, literal, shown
+from mechscope.cli_common import DeviceOpt, check_folder, check_html_png, check_output, check_range, job_device, literal, shown
 from mechscope.cli_options import with_options
 from mechscope.dictionaries.train import TrainConfig
 from mechscope.errors import MechscopeError
@@ -320,7 +320,7 @@ def feature(
 
     check_range("-n", n, 1, MAX_K, " (top examples to show: at most the index's k, which is at most 1024)")
     check_range("--near", near, 1, 1000)
-    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    html, png = check_html_png(html, png)
     m = _load(model)
     dictionary = load_any(folder, model=m)
     check_feature(dictionary, number, folder)

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mechscope.cli_common import DeviceOpt, check_output, check_range, job_device, shown
+from mechscope.cli_common import DeviceOpt, check_html_png, check_output, check_range, job_device, shown
 from mechscope.errors import MechscopeError
 from mechscope.index.settings import MAX_K, SettingError
 
@@ -195,7 +195,7 @@ def show(
     from mechscope.viz import index_views as views
 
     check_range("-n", n, 1, MAX_K, " (top examples to show: at most the index's k, which is at most 1024)")
-    html, png = check_output("--html", html), check_output("--png", png, ".png")
+    html, png = check_html_png(html, png)
     index, m = _open(db, model)
     with index, _options():
         examples = index.top(unit, n)
@@ -314,7 +314,7 @@ def info(
     if as_json:
         print(json.dumps({"path": str(index.path), **meta}, indent=2))
         return
-    sites = meta["sites"]
+    sites, (start, stop) = meta["sites"], meta["contexts"]
     listed = ", ".join(sites) if len(sites) <= 4 else f"{sites[0]} ... {sites[-1]} ({len(sites)} sites)"
     rows = [
         ("database", f"{index.path} ({index.path.stat().st_size / 2**20:.1f} MiB)"),
@@ -322,7 +322,7 @@ def info(
         ("sites", listed),
         ("units", f"{meta['units']:,}"),
         ("corpus", f"{meta['corpus']} (hash {meta.get('corpus_hash', 'not yet: unfinished')})"),
-        ("contexts", f"{meta['contexts'][0]}:{meta['contexts'][1]} of {meta['ctx_len']} tokens, {meta['contexts_done']} done"),
+        ("contexts", f"{start}:{stop} ({meta['ctx_len']} tokens each), {meta['contexts_done']} done"),
         ("tokens seen", f"{meta['tokens_seen']:,}"),
         ("complete", "yes" if meta["complete"] else "no: run the same build again to resume it"),
         ("settings", f"k={meta['k']}, samples={meta['n_samples']}, threshold={meta['threshold']}, seed={meta['seed']}"),

@@ -1,7 +1,7 @@
 """The demo's dictionary section: a sparse autoencoder on SmolLM2's middle residual stream, used end to end.
 
-The SAE ships with mechscope (`mechscope/assets/sae-smollm2-l15`, float16 weights; its README gives the
-commands that reproduce it). On the embedded model the section shows:
+The SAE ships with mechscope (`mechscope/assets/sae-smollm2-l15`, float16 weights; `mechscope/assets/README.md`
+gives the commands that reproduce it). On the embedded model the section shows:
 
 1. its FVU, L0 and CE-loss recovered on held-out text;
 2. the features that fire most on the prompt's last token, each with its page: logit effects, nearest

@@ -75,6 +75,8 @@ def test_demo_writes_report(monkeypatch, capsys, tmp_path):
         (["predict", "word " * 9000], "longer than the model's context of 8192"),
         (["predict", PROMPT, "--target", ""], "target '' tokenises to nothing"),
         (["predict", PROMPT, "--dtype", "int3"], "unknown dtype 'int3'"),
+        (["attribute", PROMPT, "-t", " questionable", "--vs", ""], "vs '' is empty"),
+        (["lens", PROMPT, "-t", " x", "--png", "/tmp/same.png", "--html", "/tmp/same.png"], "--html and --png are the same file"),
     ],
 )
 def test_bad_input_one_line(monkeypatch, capsys, argv, message):

@@ -49,5 +49,7 @@ def test_bad_input(smollm2):
         direct_logit_attribution(smollm2, text, " questionable", vs=" questionable")
     with pytest.raises(ms.MechscopeError, match="position 9 out of range"):
         direct_logit_attribution(smollm2, text, " questionable", position=9)
-    with pytest.raises(ms.MechscopeError, match="tokenises to nothing"):
+    with pytest.raises(ms.MechscopeError, match="target '' is empty"):
         direct_logit_attribution(smollm2, text, "")
+    with pytest.raises(ms.MechscopeError, match="vs '' is empty"):
+        direct_logit_attribution(smollm2, text, " questionable", vs="")

@@ -121,6 +121,7 @@ def test_bad_settings_get_one_line(tmp_path):
         (dict(sites=[SITE], skip_connection=True), "an SAE or crosscoder with one would learn to copy its input"),
         (dict(layers=[1]), "layers name the sites of a kind: give kind sae, transcoder, crosscoder or clt too"),
         (dict(kind="sae"), "kind 'sae' needs the layers it covers"),
+        (dict(kind="foo"), "unknown dictionary kind 'foo': valid kinds are sae, transcoder, crosscoder, clt"),
     ]
     for overrides, message in kinds:
         overrides.setdefault("sites", None)

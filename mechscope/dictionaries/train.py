@@ -169,6 +169,8 @@ class TrainConfig:
                 raise MechscopeError("give either sites (and write_sites) or kind and layers, not both")
             if self.kind is None:
                 raise MechscopeError("layers name the sites of a kind: give kind sae, transcoder, crosscoder or clt too")
+            if self.kind not in KINDS:
+                raise MechscopeError(f"unknown dictionary kind {self.kind!r}: valid kinds are {one_of(KINDS)}")
             if self.layers is None:
                 raise MechscopeError(f"kind {self.kind!r} needs the layers it covers: give layers too")
             self.sites, self.write_sites = kind_sites(self.kind, self.layers, self.transcoder_input)

@@ -108,6 +108,8 @@ def single_token(model: Model, target: str | int, prompt: Inputs | None = None, 
         raise MechscopeError(
             f"{what} must be one string or token id, got {type(target).__name__} {target!r}: this method explains one token"
         )
+    if target == "":
+        raise MechscopeError(f"{what} '' is empty: give at least one character, such as ' Paris'")
     ids = model.token_ids(target, prompt if isinstance(prompt, str) else None)
     if len(ids) > 1:
         pieces = model.to_str_tokens(ids)
