@@ -58,14 +58,16 @@ class FittedTable:
     """Rows x many columns, drawn with the columns that fit the console's width.
 
     `priority` lists column indices, most wanted first; the columns drawn keep their own order. When
-    some are left out, a note after the table says how many, and `left_out` what chose the others.
+    some are left out, a note after the table says how many, what chose the others (`chosen`), and how to
+    see them all (`remedy`: the options of the command that prints it).
     """
 
     def __init__(
-        self, title: Text, corner: str, rows: Sequence[str], columns: Sequence[Column], priority: Sequence[int], chosen: str
-    ):
+        self, title: Text, corner: str, rows: Sequence[str], columns: Sequence[Column], priority: Sequence[int], chosen: str,
+        remedy: str = "choose positions, or write the HTML or PNG for all of them",
+    ):  # fmt: skip
         self.title, self.corner, self.rows, self.columns = title, corner, list(rows), list(columns)
-        self.priority, self.chosen = list(priority), chosen
+        self.priority, self.chosen, self.remedy = list(priority), chosen, remedy
 
     def _width(self, column: Column) -> int:
         cells = max((c.cell_len for c in column.cells), default=1)
@@ -96,6 +98,6 @@ class FittedTable:
         if len(keep) < len(self.columns):
             yield Text(
                 f"showing {len(keep)} of {len(self.columns)} columns ({self.chosen}): the others do not fit "
-                f"{options.max_width} characters; choose positions, or write the HTML or PNG for all of them",
+                f"{options.max_width} characters; {self.remedy}",
                 style="dim",
             )
