@@ -49,6 +49,12 @@ TRANSCODER_INPUTS = {"normed": "ln2.hook_normalized", "resid_mid": "hook_resid_m
 DEFAULT_SITES = ["blocks.15.hook_resid_post"]
 
 
+def check_kind(kind: str) -> None:
+    """Raise MechscopeError (one line, with the valid kinds) for a kind not in KINDS."""
+    if kind not in KINDS:
+        raise MechscopeError(f"unknown dictionary kind {kind!r}: valid kinds are {one_of(KINDS)}")
+
+
 def kind_sites(kind: str | None, layers: list[int] | None, transcoder_input: str = "normed") -> tuple[list[str], list[str]]:
     """(read sites, write sites) of a dictionary of `kind` over `layers`:
 
@@ -62,8 +68,7 @@ def kind_sites(kind: str | None, layers: list[int] | None, transcoder_input: str
     Raises MechscopeError (one line) for an unknown kind or input, or layers of the wrong number or order;
     whether the model has the layers is checked when the sites are resolved on it.
     """
-    if kind not in KINDS:
-        raise MechscopeError(f"unknown dictionary kind {kind!r}: valid kinds are {one_of(KINDS)}")
+    check_kind(kind)
     if not layers or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in layers):
         raise MechscopeError(f"layers={layers!r} is invalid: kind {kind} needs layer numbers (0 or more)")
     if kind in ("sae", "transcoder") and len(layers) != 1:
@@ -169,8 +174,7 @@ class TrainConfig:
                 raise MechscopeError("give either sites (and write_sites) or kind and layers, not both")
             if self.kind is None:
                 raise MechscopeError("layers name the sites of a kind: give kind sae, transcoder, crosscoder or clt too")
-            if self.kind not in KINDS:
-                raise MechscopeError(f"unknown dictionary kind {self.kind!r}: valid kinds are {one_of(KINDS)}")
+            check_kind(self.kind)
             if self.layers is None:
                 raise MechscopeError(f"kind {self.kind!r} needs the layers it covers: give layers too")
             self.sites, self.write_sites = kind_sites(self.kind, self.layers, self.transcoder_input)

@@ -51,19 +51,18 @@ def build_sharded(
         return out
     share = shard_spans((span[0] + held, span[1]), settings.batch_size, ranks.world)[ranks.rank]
     title = f"[bold]indexing[/] rank 0 of {ranks.world}" if progress and ranks.main else None
-    times = [time.perf_counter()]
+    started = time.perf_counter()
     _build_file(model, shards[ranks.rank], plan, settings, share, checkpoint_seconds, title)
-    times.append(time.perf_counter())
+    built = time.perf_counter()
     ranks.wait_for_all()
-    times.append(time.perf_counter())
+    waited = time.perf_counter()
     if ranks.main:
         parts = ([out] if held else []) + shards
         _merge_in_place(parts, out)
         if progress:
-            built, waited, merged = (b - a for a, b in zip(times, [*times[1:], time.perf_counter()], strict=True))
             rich.get_console().print(
-                f"rank 0: its share built in {built:.1f} s, waited {waited:.1f} s for the other ranks, "
-                f"{len(parts)} parts merged in {merged:.1f} s", soft_wrap=True,
+                f"rank 0: its share built in {built - started:.1f} s, waited {waited - built:.1f} s for the other "
+                f"ranks, {len(parts)} parts merged in {time.perf_counter() - waited:.1f} s", soft_wrap=True,
             )  # fmt: skip
     ranks.wait_for_all()
     return out

@@ -177,7 +177,7 @@ def train_instances(
             bar.update(task, advance=1)
         model.W.grad = model.b.grad = None
         losses = [(importance[:, None] * (x - model(x)).pow(2)).mean(dim=(1, 2)) for x in
-                  (shared_sample(probabilities, 8192, n, gen) for _ in range(EVAL_BATCHES))]  # fmt: skip
+                  (shared_sample(probabilities, EVAL_BATCH, n, gen) for _ in range(EVAL_BATCHES))]  # fmt: skip
     return model.W.detach().clone(), model.b.detach().clone(), torch.stack(losses).mean(0)
 
 
@@ -185,7 +185,7 @@ def _check_memory(instances: int, n: int, m: int, batch: int) -> None:
     """Refuse, before anything is allocated, toys whose tensors would not fit in half the machine's memory:
     W with its gradient, Adam's two moments and the copy returned (5 × [I, n, m]), a step's batch tensors,
     the final loss's batches of 8,192, and the [I, n, n] feature overlaps the measures compute."""
-    floats = instances * (5 * n * m + batch * (3 * n + 2 * m) + 4 * 8192 * n + 2 * n * n)
+    floats = instances * (5 * n * m + batch * (3 * n + 2 * m) + 4 * EVAL_BATCH * n + 2 * n * n)
     need, have = 4 * floats, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have / 2:
         raise MechscopeError(
@@ -238,8 +238,8 @@ class _Step:
         self.model.W.grad.baddbmm_(x.transpose(1, 2), self.gh)
 
 
-EVAL_BATCHES = 16
-"""Batches of 8,192 samples that measure each instance's final loss (which `ToyResult.best` compares)."""
+EVAL_BATCHES, EVAL_BATCH = 16, 8192
+"""Batches, and samples per batch, that measure each instance's final loss (which `ToyResult.best` compares)."""
 
 
 def represented(W: Tensor, threshold: float = 0.5) -> Tensor:
